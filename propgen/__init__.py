@@ -1,0 +1,25 @@
+"""propgen: a source-to-source propagation compiler for PyTorch.
+
+``propgen.grad(f)`` reads ``f``'s source and generates readable Python for its forward and
+backward pass; ``propgen.source(df)`` returns that code, which lives in a real file so that
+breakpoints bind in it.
+"""
+
+from propgen.api import adjoint, grad, insert_grad_of, source
+from propgen.errors import PropgenError, UnresolvedNameError, UnsupportedSyntaxError
+from propgen.template import Registry, d, nondifferentiable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "grad",
+    "source",
+    "adjoint",
+    "insert_grad_of",
+    "d",
+    "nondifferentiable",
+    "Registry",
+    "UnsupportedSyntaxError",
+    "UnresolvedNameError",
+    "PropgenError",
+]

@@ -1,0 +1,299 @@
+"""Stage 5b, transform (forward side): the primal function that saves what the backward reads.
+
+Runs after the reverse pass is generated, because only then is it known which values the
+backward reads: a reassigned name is pushed on ``_stack`` only when the backward reads it,
+a buffer's overwritten slot is saved only when the backward reads the buffer (a push whose
+pop is dead is never emitted).
+"""
+
+from __future__ import annotations
+
+
+import gast
+
+from propgen import ir
+from propgen.transform import Comment, Pop, PopAppend, PopSlot, Reverse
+
+__all__ = ["build"]
+
+
+def _loads(code: list) -> list[str]:
+    out: list[str] = []
+    for stmt in code:
+        if isinstance(stmt, (Pop, PopSlot, PopAppend, Comment)):
+            continue
+        for n in gast.walk(stmt):
+            if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Load) and n.id not in out:
+                out.append(n.id)
+    return out
+
+
+def _walk_code(code: list):
+    for s in code:
+        yield s
+        for attr in ("body", "orelse"):
+            if isinstance(getattr(s, attr, None), list):
+                yield from _walk_code(getattr(s, attr))
+
+
+class Primal:
+    def __init__(self, rev: Reverse, restore: set, reads: set) -> None:
+        self.rev = rev
+        self.ctx = rev.ctx
+        self.restore = restore
+        self.reads = reads
+        self.pre_init: list[str] = []
+        self.pushes = False
+
+    def push(self, value: gast.AST) -> gast.Expr:
+        self.pushes = True
+        append = gast.Attribute(value=ir.name(self.rev.stack), attr="append", ctx=gast.Load())
+        return gast.Expr(value=gast.Call(func=append, args=[value], keywords=[]))
+
+    def push_name(self, n: str, bound: set, needed: bool = True) -> list:
+        if n not in self.restore or not needed:
+            return []
+        if n not in bound and n not in self.pre_init:
+            self.pre_init.append(n)
+        return [self.push(ir.name(n))]
+
+    def block(self, stmts: list, bound: set) -> list:
+        out: list = []
+        for s in stmts:
+            out += self.stmt(s, bound)
+        return out
+
+    def stmt(self, s: gast.AST, bound: set) -> list:
+        rev = self.rev
+        head = rev.comment(s, "")
+        if isinstance(s, gast.Assign):
+            tgt = s.targets[0]
+            if isinstance(tgt, gast.Subscript):
+                code = []
+                if tgt.value.id in self.reads:
+                    from propgen.transform import _index_value
+
+                    save = gast.Call(func=rev.rt("save_slot"),
+                                     args=[ir.name(tgt.value.id), _index_value(tgt.slice)],
+                                     keywords=[])
+                    code.append(self.push(save))
+                return head + code + [ir.clone(s)]
+            t = tgt.id
+            code = self.push_name(t, bound, rev.rebinds.get(id(s), True))
+            if any(k[0] == id(s) for k in rev.tracked):
+                code += self.opaque(s)
+            else:
+                code.append(ir.clone(s))
+            bound.add(t)
+            return head + code
+        if isinstance(s, gast.Expr):
+            return head + [ir.clone(s)]
+        if isinstance(s, gast.If):
+            b1, b2 = set(bound), set(bound)
+            body = self.block(s.body, b1)
+            orelse = self.block(s.orelse, b2)
+            bound |= b1 & b2
+            rev.last_comment = None
+            return head + [gast.If(test=ir.clone(s.test), body=body or [gast.Pass()],
+                                   orelse=orelse)]
+        if isinstance(s, gast.For):
+            pre = self.push_name(s.target.id, bound, rev.rebinds.get(id(s), True))
+            inner = set(bound) | {s.target.id}
+            body = self.block(s.body, inner)
+            rev.last_comment = None
+            loop = gast.For(target=ir.clone(s.target), iter=ir.clone(s.iter),
+                            body=body or [gast.Pass()], orelse=[], type_comment=None)
+            return head + pre + [loop]
+        if isinstance(s, gast.While):
+            count = rev.counts.get(id(s))
+            pre: list = []
+            body_pre: list = []
+            if count is not None:
+                nested = id(s) in rev.nested_whiles
+                pre = self.push_name(count, bound, nested) + [ir.assign(count, ir.const(0))]
+                bound.add(count)
+                inc = gast.BinOp(left=ir.name(count), op=gast.Add(), right=ir.const(1))
+                body_pre = [ir.assign(count, inc)]
+            body = body_pre + self.block(s.body, set(bound))
+            rev.last_comment = None
+            return head + pre + [gast.While(test=ir.clone(s.test), body=body, orelse=[])]
+        if isinstance(s, gast.With):
+            return []  # insert_grad_of: code for the backward only
+        if isinstance(s, (gast.Assert, gast.Raise)):
+            return head + [ir.clone(s)]
+        return []
+
+    def opaque(self, s: gast.Assign) -> list:
+        """``t = f(a)`` through torch.autograd: fresh leaves in, graph recorded under enable_grad."""
+        rev = self.rev
+        value = ir.clone(s.value)
+        code: list = []
+        label = getattr(s.value.pg_callee, "label", "call")
+        code.append(Comment(f"opaque: {label}() has no adjoint template; torch.autograd records "
+                            "its vector-Jacobian product"))
+        mapping = {}
+        for (sid, arg), leaf in rev.tracked.items():
+            if sid == id(s) and arg is not None:
+                mapping[arg] = leaf
+                track = gast.Call(func=rev.rt("track"), args=[ir.name(arg)], keywords=[])
+                code.append(ir.assign(leaf, track))
+        for n in gast.walk(value):
+            if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Load) and n.id in mapping:
+                n.id = mapping[n.id]
+        enable = gast.Call(
+            func=gast.Attribute(value=rev.torch_ref(), attr="enable_grad", ctx=gast.Load()),
+            args=[], keywords=[])
+        with_node = gast.With(items=[gast.withitem(context_expr=enable, optional_vars=None)],
+                              body=[ir.assign(s.targets[0].id, value)], type_comment=None)
+        code.append(with_node)
+        return code
+
+
+def _resolve(code: list, restore: set, reads: set, rev: Reverse) -> list:
+    """Turn Pop markers into real pops (or nothing) and drop compound statements left empty."""
+    out: list = []
+    for s in code:
+        if isinstance(s, Pop):
+            if s.name in restore and s.needed:
+                pop = gast.Call(func=gast.Attribute(value=ir.name(rev.stack), attr="pop",
+                                                    ctx=gast.Load()), args=[], keywords=[])
+                out.append(ir.assign(s.name, pop))
+            continue
+        if isinstance(s, PopSlot):
+            if s.buffer in reads:
+                pop = gast.Call(func=gast.Attribute(value=ir.name(rev.stack), attr="pop",
+                                                    ctx=gast.Load()), args=[], keywords=[])
+                call = gast.Call(func=rev.rt("restore_slot"),
+                                 args=[ir.name(s.buffer), ir.clone(s.index), pop],
+                                 keywords=[])
+                out.append(gast.Expr(value=call))
+            continue
+        if isinstance(s, PopAppend):
+            if s.items in reads:
+                if s.count is None:
+                    fn = gast.Attribute(value=ir.name(s.items), attr="pop", ctx=gast.Load())
+                    out.append(gast.Expr(value=gast.Call(func=fn, args=[], keywords=[])))
+                else:
+                    call = gast.Call(func=rev.rt("undo_extend"),
+                                     args=[ir.name(s.items), ir.clone(s.count)], keywords=[])
+                    out.append(gast.Expr(value=call))
+            continue
+        if isinstance(s, (gast.If, gast.For, gast.While)):
+            s.body = _resolve(s.body, restore, reads, rev)
+            s.orelse = _resolve(s.orelse, restore, reads, rev)
+            if not _has_code(s.body) and not _has_code(s.orelse):
+                continue
+            if not s.body:
+                s.body = [gast.Pass()]
+        out.append(s)
+    # a comment with nothing after it in its block says nothing
+    while out and isinstance(out[-1], Comment):
+        out.pop()
+    return out
+
+
+def _has_code(code: list) -> bool:
+    return any(not isinstance(s, (Comment, gast.Pass)) for s in code)
+
+
+def _marker_loads(code: list, restore: set, reads: set) -> set:
+    out: set = set()
+    for s in _walk_code(code):
+        if isinstance(s, PopSlot) and s.buffer in reads:
+            out.update(ir.names_in(s.index))
+        if isinstance(s, PopAppend) and s.items in reads and s.count is not None:
+            out.update(ir.names_in(s.count))
+    return out
+
+
+def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef, gast.FunctionDef]:
+    """Generate the backward, then the forward that saves what it reads."""
+    body, ret = rev.body[:-1], rev.body[-1]
+    ret_atom = ret.value
+    state: dict = {}
+    seed = None
+    if isinstance(ret_atom, gast.Name) and ret_atom.id in rev.act.active:
+        seed = rev.dname(ret_atom.id)
+        state[seed] = "def"
+        code = rev.rev_block(body, state)
+    else:
+        seed = rev.ctx.fresh("d_result")
+        code = []
+    primal = rev.primal
+    reads = {n for n in _loads([s for s in _walk_code(code)]) if n in primal}
+    for _ in range(3):  # undoing a store reads its index: iterate to a fixpoint
+        extra = {n for n in _marker_loads(code, set(), reads) if n in primal} - reads
+        if not extra:
+            break
+        reads |= extra
+    restore = reads & rev.act.multi
+    bwd_code = _resolve(code, restore, reads, rev)
+    # leaves and results
+    tail: list = []
+    for leaf in rev.leaves:
+        d = rev.dnames.get(leaf)
+        if d is not None and state.get(d) is not None:
+            call = gast.Call(func=rev.rt("accumulate_grad"), args=[ir.name(leaf), ir.name(d)],
+                             keywords=[])
+            tail.append(gast.Expr(value=call))
+    results = []
+    for p in rev.wrt:
+        d = rev.dnames.get(p)
+        results.append(ir.name(d) if d is not None and state.get(d) is not None
+                       else ir.const(None))
+    # forward
+    rev.last_comment = None
+    prim = Primal(rev, restore, reads)
+    fwd_code = prim.block(body, set(rev.params))
+    saved: list[str] = []
+    for n in _loads(bwd_code):
+        if n in primal and n not in saved:
+            saved.append(n)
+    for s in _walk_code(bwd_code):
+        for n in ir.names_in(s):
+            if n in primal and n not in saved:
+                saved.append(n)
+    bound_at_end: set = set(rev.params)
+    _collect_bound(body, bound_at_end)
+    for n in saved:
+        if n not in bound_at_end and n not in prim.pre_init:
+            prim.pre_init.append(n)
+    stack_used = prim.pushes
+    head = [ir.assign(n, ir.const(None)) for n in prim.pre_init]
+    if stack_used:
+        head.append(ir.assign(rev.stack, gast.List(elts=[], ctx=gast.Load())))
+        saved.append(rev.stack)
+    saved_tuple = gast.Tuple(elts=[ir.name(n) for n in saved], ctx=gast.Load())
+    fwd_ret = gast.Return(value=gast.Tuple(elts=[ir.clone(ret_atom), saved_tuple],
+                                           ctx=gast.Load()))
+    fwd = _fdef(fwd_name, list(rev.params), head + fwd_code + [fwd_ret], rev.ctx)
+    saved_param = rev.ctx.fresh("saved")
+    unpack = []
+    if saved:
+        target = gast.Tuple(elts=[ir.name(n, True) for n in saved], ctx=gast.Store())
+        unpack = [ir.assign(target, ir.name(saved_param))]
+    inits = [ir.assign(d, ir.const(None)) for d in sorted(rev.maybe_vars)]
+    ret_node = gast.Return(value=gast.Tuple(elts=results, ctx=gast.Load()))
+    bwd = _fdef(bwd_name, [saved_param, seed], unpack + inits + bwd_code + tail + [ret_node],
+                rev.ctx)
+    return fwd, bwd
+
+
+def _collect_bound(body: list, bound: set) -> None:
+    for s in body:
+        if isinstance(s, gast.Assign) and isinstance(s.targets[0], gast.Name):
+            bound.add(s.targets[0].id)
+        elif isinstance(s, gast.If):
+            b1, b2 = set(bound), set(bound)
+            _collect_bound(s.body, b1)
+            _collect_bound(s.orelse, b2)
+            bound |= b1 & b2
+
+
+def _fdef(name: str, params: list[str], body: list, ctx) -> gast.FunctionDef:
+    args = gast.arguments(
+        args=[gast.Name(id=p, ctx=gast.Param(), annotation=None, type_comment=None)
+              for p in params],
+        posonlyargs=[], vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[])
+    return gast.FunctionDef(name=name, args=args, body=body, decorator_list=[], returns=None,
+                            type_comment=None, type_params=[])

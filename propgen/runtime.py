@@ -1,0 +1,246 @@
+"""Small helpers called by generated code.
+
+Everything here is a plain function of its arguments: generated code does the work and these
+only cover what would be noisy to inline (None-aware accumulation, container adjoints, the
+vector-Jacobian product of an opaque call).  No state lives in this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "acc",
+    "grad_or_zeros",
+    "accumulate_grad",
+    "track",
+    "opaque_vjp",
+    "seq_adjoint",
+    "unpack_adjoint",
+    "store_grad_value",
+    "store_grad_buffer",
+    "check_scalar",
+    "pop_adjoint",
+    "save_slot",
+    "restore_slot",
+    "undo_extend",
+]
+
+
+def acc(a: Any, b: Any) -> Any:
+    """``a + b`` where either may be None (no gradient yet); containers add elementwise."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, (list, tuple)):
+        return [acc(x, y) for x, y in zip(a, b)]
+    if isinstance(a, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = acc(out.get(k), v)
+        return out
+    return a + b
+
+
+def grad_or_zeros(g: Any, x: Any) -> Any:
+    """The gradient returned to the caller for ``x``: zeros shaped like x when none arrived."""
+    if g is not None:
+        if isinstance(x, torch.Tensor) and isinstance(g, torch.Tensor) and g.shape != x.shape:
+            g = g.sum_to_size(x.shape) if x.dim() else g.sum()
+        return g
+    if isinstance(x, torch.Tensor):
+        return torch.zeros_like(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(grad_or_zeros(None, e) for e in x)
+    if isinstance(x, dict):
+        return {k: grad_or_zeros(None, v) for k, v in x.items()}
+    return 0.0
+
+
+def accumulate_grad(leaf: Any, g: Any) -> None:
+    """Add ``g`` to ``leaf.grad`` as ``loss.backward()`` would, for a leaf that requires grad."""
+    if g is None or not isinstance(leaf, torch.Tensor) or not leaf.requires_grad:
+        return
+    if leaf.grad_fn is not None:  # a non-leaf tensor: autograd owns its history
+        torch.autograd.backward(leaf, g)
+        return
+    if g.shape != leaf.shape:
+        g = g.sum_to_size(leaf.shape)
+    if leaf.grad is None:
+        leaf.grad = g.detach().clone()
+    else:
+        leaf.grad += g
+
+
+def track(x: Any) -> Any:
+    """A fresh autograd leaf standing for ``x`` at the input of an opaque call."""
+    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+        return x.detach().requires_grad_()
+    if isinstance(x, (list, tuple)):
+        return type(x)(track(e) for e in x)
+    return x
+
+
+def _flatten(obj: Any, out: list) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for e in obj:
+            _flatten(e, out)
+    elif isinstance(obj, dict):
+        for e in obj.values():
+            _flatten(e, out)
+    else:
+        out.append(None)
+
+
+def opaque_vjp(output: Any, d_output: Any, *inputs: Any) -> tuple:
+    """Vector-Jacobian product of a call propgen cannot read, through torch.autograd.
+
+    ``inputs`` are the leaves made by :func:`track`.  Parameters the call reached (an
+    nn.Module's weights) get ``.grad`` accumulated, as ``loss.backward()`` would.
+    Returns the gradient of each input (None where none flowed).
+    """
+    outs: list = []
+    grads: list = []
+    _flatten(output, outs)
+    _flatten(d_output, grads)
+    pairs = [
+        (o, g)
+        for o, g in zip(outs, grads)
+        if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+    ]
+    leaves: list = []
+    for x in inputs:
+        _flatten(x, leaves)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+            leaf.grad = None
+    if pairs:
+        with torch.enable_grad():
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    result = []
+    for x in inputs:
+        flat: list = []
+        _flatten(x, flat)
+        gs = [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in flat]
+        result.append(gs[0] if isinstance(x, torch.Tensor) else _rebuild(x, iter(gs)))
+    return tuple(result)
+
+
+def _rebuild(obj: Any, it: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return next(it)
+    if isinstance(obj, (list, tuple)):
+        return [_rebuild(e, it) for e in obj]
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, it) for k, v in obj.items()}
+    next(it)
+    return None
+
+
+def seq_adjoint(seq: Any, index: Any, g: Any) -> Any:
+    """The adjoint of a container ``seq`` when only ``seq[index]`` received gradient ``g``."""
+    if isinstance(seq, dict):
+        return {index: g}
+    out: list = [None] * len(seq)
+    out[index] = g
+    return out
+
+
+def unpack_adjoint(d_seq: Any, index: Any) -> Any:
+    """Element ``index`` of a container adjoint, None when the container got no gradient."""
+    if d_seq is None:
+        return None
+    if isinstance(d_seq, dict):
+        return d_seq.get(index)
+    if isinstance(d_seq, torch.Tensor):
+        return d_seq[index]
+    return d_seq[index]
+
+
+def store_grad_value(d_buffer: Any, index: Any, value: Any) -> Any:
+    """Gradient reaching ``value`` through ``buffer[index] = value``."""
+    if d_buffer is None:
+        return None
+    if isinstance(d_buffer, (list, dict)):
+        return unpack_adjoint(d_buffer, index)
+    g = d_buffer[index]
+    if isinstance(value, torch.Tensor):
+        if g.shape != value.shape:
+            g = g.sum_to_size(value.shape) if value.dim() else g.sum()
+        return g
+    return g.sum()
+
+
+def store_grad_buffer(d_buffer: Any, index: Any) -> Any:
+    """Gradient of the buffer before ``buffer[index] = value``: the overwritten part gets none."""
+    if d_buffer is None:
+        return None
+    if isinstance(d_buffer, list):
+        out = list(d_buffer)
+        out[index] = None
+        return out
+    if isinstance(d_buffer, dict):
+        return {k: v for k, v in d_buffer.items() if k != index}
+    out = d_buffer.clone()
+    out[index] = 0
+    return out
+
+
+def check_scalar(value: Any, fn_name: str) -> None:
+    """Raise ValueError unless ``value`` is a scalar (a 0-d or one-element tensor, or a number)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"propgen.grad({fn_name}) needs a scalar output, but {fn_name} returned a tensor "
+                f"of shape {tuple(value.shape)}; reduce it (e.g. .sum() or .mean()) before "
+                "returning, or differentiate each element separately"
+            )
+    elif not isinstance(value, (int, float)):
+        raise ValueError(
+            f"propgen.grad({fn_name}) needs a scalar output, but {fn_name} returned "
+            f"{type(value).__name__}"
+        )
+
+
+def pop_adjoint(d_items: Any, count: int | None = None) -> tuple:
+    """Split a list adjoint at ``items.append(v)`` (count None) or ``items.extend(vs)``.
+
+    Returns (adjoint of the list before, adjoint of v or of vs).
+    """
+    if d_items is None:
+        return None, None
+    d_items = list(d_items)
+    if count is None:
+        return d_items[:-1], d_items[-1]
+    cut = len(d_items) - count
+    return d_items[:cut], d_items[cut:]
+
+
+_EMPTY = object()
+
+
+def save_slot(buffer: Any, index: Any) -> Any:
+    """What ``buffer[index] = ...`` is about to overwrite (a copy, for tensors)."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer[index].clone()
+    if isinstance(buffer, dict):
+        return buffer.get(index, _EMPTY)
+    return buffer[index]
+
+
+def restore_slot(buffer: Any, index: Any, saved: Any) -> None:
+    """Undo ``buffer[index] = ...`` with the value :func:`save_slot` kept."""
+    if saved is _EMPTY:
+        del buffer[index]
+    else:
+        buffer[index] = saved
+
+
+def undo_extend(items: list, count: int) -> None:
+    """Undo ``items.extend(vs)`` where ``len(vs) == count``."""
+    del items[len(items) - count :]

@@ -1,0 +1,7 @@
+"""propgen's templates: adjoints of torch ops and, later, propagators.
+
+Each module here is plain Python meant to be read as documentation of the math.  The
+registry collects the templates from the modules listed in TEMPLATE_MODULES.
+"""
+
+TEMPLATE_MODULES = ("propgen.templates.ops", "propgen.templates.nn")
