@@ -118,8 +118,17 @@ def assigned_names(stmt: gast.AST) -> list[str]:
     return []
 
 
+CONSTRUCTORS = {
+    "zeros", "ones", "empty", "full", "zeros_like", "ones_like", "empty_like", "full_like",
+    "arange", "linspace", "logspace", "eye", "randn", "rand", "randint", "randn_like",
+    "rand_like", "tensor", "as_tensor",
+}
+
+
 def _is_tensor_value(value: gast.AST, tensors: set) -> bool:
     callee: Callee | None = getattr(value, "pg_callee", None)
+    if callee is not None and callee.kind == "nondiff" and callee.label in CONSTRUCTORS:
+        return True
     if isinstance(value, (gast.BinOp, gast.UnaryOp)):
         return callee is not None and callee.kind == "template"
     if isinstance(value, gast.Attribute):

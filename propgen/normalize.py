@@ -195,6 +195,8 @@ class Normalizer:
         stmt.lineno = stmt.pg_loc.lineno
         if self.nograd:
             stmt.pg_nograd = True
+        if getattr(src, "pg_bookkeeping", False):
+            stmt.pg_bookkeeping = True
         self.out.append(stmt)
         return stmt
 

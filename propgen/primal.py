@@ -82,6 +82,7 @@ class Primal:
             code = self.push_name(t, bound, rev.rebinds.get(id(s), True))
             if any(k[0] == id(s) for k in rev.tracked):
                 code += self.opaque(s)
+                bound.update(v for k, v in rev.tracked.items() if k[0] == id(s) and v)
             else:
                 code.append(ir.clone(s))
             bound.add(t)
@@ -246,13 +247,9 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
     prim = Primal(rev, restore, reads)
     fwd_code = prim.block(body, set(rev.params))
     saved: list[str] = []
-    for n in _loads(bwd_code):
+    for n in _loads_outside_own_loops(bwd_code, set()):
         if n in primal and n not in saved:
             saved.append(n)
-    for s in _walk_code(bwd_code):
-        for n in ir.names_in(s):
-            if n in primal and n not in saved:
-                saved.append(n)
     bound_at_end: set = set(rev.params)
     _collect_bound(body, bound_at_end)
     for n in saved:
@@ -272,11 +269,33 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
     if saved:
         target = gast.Tuple(elts=[ir.name(n, True) for n in saved], ctx=gast.Store())
         unpack = [ir.assign(target, ir.name(saved_param))]
-    inits = [ir.assign(d, ir.const(None)) for d in sorted(rev.maybe_vars)]
+    inits = [ir.assign(d, ir.const(None)) for d in sorted(rev.maybe_vars) if d != seed]
     ret_node = gast.Return(value=gast.Tuple(elts=results, ctx=gast.Load()))
     bwd = _fdef(bwd_name, [saved_param, seed], unpack + inits + bwd_code + tail + [ret_node],
                 rev.ctx)
     return fwd, bwd
+
+
+def _loads_outside_own_loops(code: list, loop_vars: set) -> list[str]:
+    """Names the backward reads before assigning them itself (a reversed loop's variable is
+    assigned by that loop, so reading it inside the loop needs nothing saved)."""
+    out: list[str] = []
+    for s in code:
+        if isinstance(s, (Comment, Pop, PopSlot, PopAppend)):
+            continue
+        if isinstance(s, gast.For):
+            inner = loop_vars | {s.target.id}
+            names = ir.names_in(s.iter) + _loads_outside_own_loops(s.body, inner)
+        elif isinstance(s, (gast.If, gast.While)):
+            test = s.test
+            names = ir.names_in(test) + _loads_outside_own_loops(s.body, loop_vars)
+            names += _loads_outside_own_loops(s.orelse, loop_vars)
+        else:
+            names = [n for n in ir.names_in(s) if n not in loop_vars]
+        for n in names:
+            if n not in out and n not in loop_vars:
+                out.append(n)
+    return out
 
 
 def _collect_bound(body: list, bound: set) -> None:
