@@ -164,5 +164,6 @@ def lower_jumps(body: list, fresh: Callable[[str], str], like: gast.AST) -> list
         ]
         ret = gast.Return(value=_name(low.retval))
         gast.copy_location(ret, body[-1] if body else like)
+        ret.pg_bookkeeping = True
         return init + out + [ret]
     return out

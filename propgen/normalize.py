@@ -308,7 +308,11 @@ class Normalizer:
             if self.static_value(e) is not MISSING:
                 return self.atom(e, hint)
             base = self.atom(e.value, hint)
-            return gast.Attribute(value=base, attr=e.attr, ctx=gast.Load())
+            node = gast.Attribute(value=base, attr=e.attr, ctx=gast.Load())
+            node.pg_callee = self.classify("." + e.attr, e.attr)
+            if node.pg_callee.kind == "opaque":  # .shape, .dtype, .device ...: no gradient
+                node.pg_callee = Callee("nondiff", None, None, e.attr)
+            return node
         if isinstance(e, gast.BinOp):
             fn, label = BINOPS[type(e.op)]
             left = self.atom(e.left, hint)
@@ -653,9 +657,8 @@ class Normalizer:
         child = Normalizer(self.ctx, pf, rename, outer)
         child.nograd = self.nograd
         call_cur = self.cur
-        for p, a in binding:
-            child.cur = call_cur
-            child.emit(ir.assign(rename[p], a))
+        for p, a in binding:  # parameter bindings belong to the caller's line
+            self.emit(ir.assign(rename[p], a))
         self.ctx.inline_stack.append(key)
         body = lower_jumps(fdef.body, self.ctx.fresh, fdef)
         _add_stored(body, rename)
@@ -668,10 +671,12 @@ class Normalizer:
             else:
                 child.stmt(s)
         if not body or not isinstance(body[-1], gast.Return):
-            child.cur = call_cur
-            child.emit(ir.assign(result, ir.const(None)))
+            self.cur = call_cur
+            child.out.append(self.emit(ir.assign(result, ir.const(None))))
+            self.out.pop()
         self.ctx.inline_stack.pop()
         self.out.extend(child.out)
+        self.cur = call_cur
         return ir.name(result)
 
     # ------------------------------------------------------------- statements
@@ -803,16 +808,13 @@ class Normalizer:
                 body_prefix.append((target, ir.name(loop_var)))
         else:
             loop_var = self.ctx.fresh(f"{hint}_index")
-            n_atom, items = self.loop_items(it, hint, loop_var)
-            rng_call = gast.Call(func=self.free_name("range", it), args=n_atom, keywords=[])
+            lens, item, pre = self.loop_source(it, hint, loop_var)
+            if len(lens) > 1:
+                min_call = gast.Call(func=ir.name("min"), args=lens, keywords=[])
+                lens = [self.atom(min_call, f"{hint}_len")]
+            rng_call = gast.Call(func=self.free_name("range", it), args=lens, keywords=[])
             rng_call.pg_callee = Callee("nondiff", range, None, "range")
-            if isinstance(target, gast.Tuple) and len(items) > 1:
-                if len(target.elts) != len(items):
-                    self.fail(s, "unpacking the loop items into a different number of names",
-                              "match the number of names to zip's/enumerate's arguments")
-                body_prefix.extend(zip(target.elts, items))
-            else:
-                body_prefix.append((target, items[0]))
+            body_prefix.append((target, _Seq(pre, item)))
         rng = self.ctx.fresh(f"{hint}_range")
         self.cur = s
         self.emit(ir.assign(rng, rng_call))
@@ -832,62 +834,62 @@ class Normalizer:
         self.cur = s
         self.emit(node)
 
-    def loop_items(self, it: gast.AST, hint: str, k: str) -> tuple[list, list]:
-        """For ``for tgt in it``: the loop's length atoms and the items read at index k."""
+    def loop_source(self, it: gast.AST, hint: str, k: str) -> tuple[list, gast.AST, list]:
+        """For ``for tgt in it``: the lengths bounding the loop, the item at index k (a tuple
+        expression for zip/enumerate, nested as written), and assignments to make first."""
         fn = self.static_value(it.func) if isinstance(it, gast.Call) else MISSING
 
-        def item(seq: gast.AST) -> gast.AST:
-            return gast.Subscript(value=seq, slice=ir.name(k), ctx=gast.Load())
-
         def length(seq: gast.AST) -> gast.AST:
-            return gast.Call(func=ir.name("len"), args=[seq], keywords=[])
+            return self.atom(gast.Call(func=ir.name("len"), args=[seq], keywords=[]),
+                             f"{hint}_len")
 
-        if fn is zip:
-            seqs = [self.atom(a, hint) for a in it.args]
-            n = self.atom(
-                gast.Call(func=ir.name("min"), args=[length(q) for q in seqs], keywords=[]),
-                f"{hint}_len",
-            ) if len(seqs) > 1 else self.atom(length(seqs[0]), hint)
-            return [n], [item(q) for q in seqs]
-        if fn is enumerate:
-            seq = self.atom(it.args[0], hint)
-            n = self.atom(length(seq), hint)
-            start = it.args[1] if len(it.args) > 1 else None
-            idx: gast.AST = ir.name(k)
-            if start is not None:
-                idx = gast.BinOp(left=ir.name(k), op=gast.Add(), right=start)
-            return [n], [idx, item(seq)]
+        if fn is zip or fn is enumerate:
+            if it.keywords or (fn is enumerate and len(it.args) > 2):
+                self.fail(it, f"{fn.__name__}() with these arguments", "pass sequences only")
+            parts = [self.loop_source(a, hint, k) for a in it.args[: 1 if fn is enumerate
+                                                                    else None]]
+            lens = [n for p in parts for n in p[0]]
+            pre = [a for p in parts for a in p[2]]
+            items = [p[1] for p in parts]
+            if fn is enumerate:
+                idx: gast.AST = ir.name(k)
+                if len(it.args) > 1:
+                    idx = gast.BinOp(left=ir.name(k), op=gast.Add(),
+                                     right=self.atom(it.args[1], hint))
+                items = [idx] + items
+            return lens, gast.Tuple(elts=items, ctx=gast.Load()), pre
         if fn is reversed:
-            seq = self.atom(it.args[0], hint)
-            n = self.atom(length(seq), hint)
+            seq = self.atom(it.args[0], f"{hint}_seq")
+            n = length(seq)
             rev = gast.BinOp(
-                left=gast.BinOp(left=ir.name(n.id), op=gast.Sub(), right=ir.const(1)),
+                left=gast.BinOp(left=n, op=gast.Sub(), right=ir.const(1)),
                 op=gast.Sub(),
                 right=ir.name(k),
             )
-            return [n], [gast.Subscript(value=seq, slice=rev, ctx=gast.Load())]
+            return [n], gast.Subscript(value=seq, slice=rev, ctx=gast.Load()), []
         if (
             isinstance(it, gast.Call)
             and isinstance(it.func, gast.Attribute)
             and it.func.attr in ("items", "keys", "values")
             and not it.args
         ):
-            d = self.atom(it.func.value, hint)
-            keys = self.atom(gast.Call(func=ir.name("list"), args=[d], keywords=[]),
+            dct = self.atom(it.func.value, f"{hint}_dict")
+            keys = self.atom(gast.Call(func=ir.name("list"), args=[dct], keywords=[]),
                              f"{hint}_keys")
-            n = self.atom(length(keys), hint)
-            key_item = item(keys)
+            n = length(keys)
+            key_item = gast.Subscript(value=keys, slice=ir.name(k), ctx=gast.Load())
             if it.func.attr == "keys":
-                return [n], [key_item]
+                return [n], key_item, []
             kname = self.ctx.fresh(f"{hint}_key")
-            value = gast.Subscript(value=d, slice=ir.name(kname), ctx=gast.Load())
             self.rename.setdefault(kname, kname)
+            value = gast.Subscript(value=dct, slice=ir.name(kname), ctx=gast.Load())
             if it.func.attr == "values":
-                return [n], [_Seq([(kname, key_item)], value)]
-            return [n], [_Seq([(kname, key_item)], ir.name(kname)), value]
-        seq = self.atom(it, hint)
-        n = self.atom(length(seq), hint)
-        return [n], [item(seq)]
+                return [n], value, [(kname, key_item)]
+            return [n], gast.Tuple(elts=[ir.name(kname), value], ctx=gast.Load()), [
+                (kname, key_item)
+            ]
+        seq = self.atom(it, f"{hint}_seq")
+        return [length(seq)], gast.Subscript(value=seq, slice=ir.name(k), ctx=gast.Load()), []
 
     def while_loop(self, s: gast.While) -> None:
         cond = self.ctx.fresh("loop_cond")

@@ -41,7 +41,7 @@ def _block(stmts: list, live: set, names: set) -> tuple[list, set]:
             head = getattr(s, "iter", None) or getattr(s, "test", None)
             entry = set(live)
             for _ in range(3):  # the body may run again: what it reads at its top is live
-                _, body_live = _block(list(s.body), entry | set(live), names)
+                _, body_live = _block(ir.clone(s.body), entry | set(live), names)
                 new = body_live | set(live)
                 if new == entry:
                     break

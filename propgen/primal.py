@@ -136,6 +136,10 @@ class Primal:
         for (sid, arg), leaf in rev.tracked.items():
             if sid == id(s) and arg is not None:
                 mapping[arg] = leaf
+                if leaf in self.restore:
+                    if leaf not in self.pre_init:
+                        self.pre_init.append(leaf)
+                    code.append(self.push(ir.name(leaf)))
                 track = gast.Call(func=rev.rt("track"), args=[ir.name(arg)], keywords=[])
                 code.append(ir.assign(leaf, track))
         for n in gast.walk(value):
@@ -234,6 +238,8 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
     for leaf in rev.leaves:
         d = rev.dnames.get(leaf)
         if d is not None and state.get(d) is not None:
+            if state.get(d) == "maybe":
+                rev.maybe_vars.add(d)
             call = gast.Call(func=rev.rt("accumulate_grad"), args=[ir.name(leaf), ir.name(d)],
                              keywords=[])
             tail.append(gast.Expr(value=call))
@@ -242,6 +248,8 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
         d = rev.dnames.get(p)
         results.append(ir.name(d) if d is not None and state.get(d) is not None
                        else ir.const(None))
+        if d is not None and state.get(d) == "maybe":
+            rev.maybe_vars.add(d)
     # forward
     rev.last_comment = None
     prim = Primal(rev, restore, reads)

@@ -102,7 +102,7 @@ def opaque_vjp(output: Any, d_output: Any, *inputs: Any) -> tuple:
 
     ``inputs`` are the leaves made by :func:`track`.  Parameters the call reached (an
     nn.Module's weights) get ``.grad`` accumulated, as ``loss.backward()`` would.
-    Returns the gradient of each input (None where none flowed).
+    Returns the gradient of each input: zeros where none flowed, None for non-tensors.
     """
     outs: list = []
     grads: list = []
@@ -126,7 +126,12 @@ def opaque_vjp(output: Any, d_output: Any, *inputs: Any) -> tuple:
     for x in inputs:
         flat: list = []
         _flatten(x, flat)
-        gs = [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in flat]
+        gs = [
+            (t.grad if t.grad is not None else torch.zeros_like(t))
+            if isinstance(t, torch.Tensor) and t.requires_grad
+            else None
+            for t in flat
+        ]
         result.append(gs[0] if isinstance(x, torch.Tensor) else _rebuild(x, iter(gs)))
     return tuple(result)
 

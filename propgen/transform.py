@@ -361,7 +361,7 @@ class Reverse:
         return self.reset(t, state) if t in self.act.multi else []
 
     def _finish(self, s: gast.AST, t: str, pre: list, accs: list, plain: list, st: str,
-                state: dict, pop: Pop, self_ref_pop: bool = False) -> list:
+                state: dict, pop: Pop | list, self_ref_pop: bool = False) -> list:
         """Assemble one statement's adjoint.
 
         accs: (arg node, gradient expression, may be None) triples, in template order;
@@ -399,12 +399,13 @@ class Reverse:
             code = body
             state.clear()
             state.update(inner)
+        pops = pop if isinstance(pop, list) else [pop]
         if not code:
-            return [pop]
+            return pops
         header = self.comment(s, "Grad of: ")
         if self_ref_pop:
-            return header + pre + [pop] + code
-        return header + pre + code + [pop]
+            return header + pre + pops + code
+        return header + pre + code + pops
 
     def bind_template(self, s: gast.AST, tmpl: Template, args: list, keywords: list) -> dict:
         kwargs = {k.arg: k.value for k in keywords}
@@ -485,7 +486,7 @@ class Reverse:
                 key = stmt.targets[0].slice
                 if not isinstance(key, gast.Name) or key.id not in mapping:
                     raise TypeError(f"template {tmpl.name}: d[...] must name a parameter")
-                expr = sub.visit(stmt.value)
+                expr = _simplify(sub.visit(stmt.value))
                 uses_result |= sub.used_result
                 target = mapping[key.id]
                 accs.extend(self._acc_targets(target, expr))
@@ -539,8 +540,36 @@ class Reverse:
         grads = [self.temp(("g", id(s), a.id), f"{a.id}_grad") for a in leaves]
         target = gast.Tuple(elts=[ir.name(g, True) for g in grads], ctx=gast.Store())
         plain = [ir.assign(target, call)]
-        accs = [(a, ir.name(g), True) for a, g in zip(leaves, grads)]
-        return self._finish(s, t, [], accs, plain, st, state, pop)
+        accs = [(a, ir.name(g), False) for a, g in zip(leaves, grads)]
+        if t in self.act.multi:  # the tracked inputs are reassigned with t: restore them too
+            self.act.multi.update(tracked)
+        pops = [Pop(n) for n in reversed(tracked)] + [pop]  # the forward pushed t first
+        return self._finish(s, t, [], accs, plain, st, state, pops)
+
+
+def _simplify(node: gast.AST) -> gast.AST:
+    """Drop multiplications and divisions by the constant 1 that templates spell out."""
+    for n in gast.walk(node):
+        for field_name in ("left", "right", "operand", "value", "func"):
+            child = getattr(n, field_name, None)
+            if isinstance(child, gast.AST):
+                setattr(n, field_name, _simplify_one(child))
+        for field_name in ("args", "elts"):
+            items = getattr(n, field_name, None)
+            if isinstance(items, list):
+                setattr(n, field_name, [_simplify_one(c) for c in items])
+    return _simplify_one(node)
+
+
+def _simplify_one(n: gast.AST) -> gast.AST:
+    def is_one(c: gast.AST) -> bool:
+        return isinstance(c, gast.Constant) and type(c.value) in (int, float) and c.value == 1
+
+    if isinstance(n, gast.BinOp) and isinstance(n.op, (gast.Mult, gast.Div)) and is_one(n.right):
+        return n.left
+    if isinstance(n, gast.BinOp) and isinstance(n.op, gast.Mult) and is_one(n.left):
+        return n.right
+    return n
 
 
 def _bound_pass(stmts: list, maybe: set, out: dict) -> None:
