@@ -68,13 +68,30 @@ def is_atom(node: gast.AST) -> bool:
     return bool(getattr(node, "pg_static", False))
 
 
+def walk(node: Any):
+    """Every gast node under ``node`` (depth first; faster than ast.walk for our trees)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            stack.extend(reversed(n))
+            continue
+        if not isinstance(n, gast.AST):
+            continue
+        yield n
+        for f in reversed(n._fields):
+            v = getattr(n, f, None)
+            if isinstance(v, (gast.AST, list)):
+                stack.append(v)
+
+
 def names_in(node: gast.AST | None, ctx: type = gast.Load) -> list[str]:
     """Names read (or written, with ctx=gast.Store) anywhere in ``node``, in order."""
     if node is None:
         return []
     out: list[str] = []
-    for n in gast.walk(node):
-        if isinstance(n, gast.Name) and isinstance(n.ctx, ctx) and n.id not in out:
+    for n in walk(node):
+        if type(n) is gast.Name and isinstance(n.ctx, ctx) and n.id not in out:
             out.append(n.id)
     return out
 

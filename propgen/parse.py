@@ -51,7 +51,7 @@ class Scope:
         return value
 
     def source_of(self, name: str) -> tuple[str, Any]:
-        """Where a free name lives: ('cell', cell), ('global', globals dict) or ('builtin', None)."""
+        """Where a free name lives: ('cell', cell), ('global', globals) or ('builtin', None)."""
         if name in self.cells:
             return "cell", self.cells[name]
         if name in self.globals:

@@ -8,7 +8,6 @@ pop is dead is never emitted).
 
 from __future__ import annotations
 
-
 import gast
 
 from propgen import ir
@@ -22,7 +21,7 @@ def _loads(code: list) -> list[str]:
     for stmt in code:
         if isinstance(stmt, (Pop, PopSlot, PopAppend, Comment)):
             continue
-        for n in gast.walk(stmt):
+        for n in ir.walk(stmt):
             if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Load) and n.id not in out:
                 out.append(n.id)
     return out
@@ -125,7 +124,7 @@ class Primal:
         return []
 
     def opaque(self, s: gast.Assign) -> list:
-        """``t = f(a)`` through torch.autograd: fresh leaves in, graph recorded under enable_grad."""
+        """``t = f(a)`` through torch.autograd: fresh leaves in, a graph under enable_grad."""
         rev = self.rev
         value = ir.clone(s.value)
         code: list = []
@@ -142,7 +141,7 @@ class Primal:
                     code.append(self.push(ir.name(leaf)))
                 track = gast.Call(func=rev.rt("track"), args=[ir.name(arg)], keywords=[])
                 code.append(ir.assign(leaf, track))
-        for n in gast.walk(value):
+        for n in ir.walk(value):
             if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Load) and n.id in mapping:
                 n.id = mapping[n.id]
         enable = gast.Call(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,18 +59,21 @@ class Template:
     fn: Callable
     keys: tuple
     signature: inspect.Signature = field(init=False)
-    body: list = field(init=False)
     globals: dict = field(init=False)
-    filename: str = field(init=False)
+    _body: list | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.signature = inspect.signature(self.fn)
-        src = textwrap.dedent(inspect.getsource(self.fn))
-        fdef = gast.parse(src).body[0]
-        body = [s for s in fdef.body if not _is_docstring(s)]
-        self.body = body
         self.globals = self.fn.__globals__
-        self.filename = inspect.getsourcefile(self.fn) or "<template>"
+
+    @property
+    def body(self) -> list:
+        """The template's statements as gast (parsed on first use: most ops are never used)."""
+        if self._body is None:
+            src = textwrap.dedent(inspect.getsource(self.fn))
+            fdef = gast.parse(src).body[0]
+            self._body = [s for s in fdef.body if not _is_docstring(s)]
+        return self._body
 
     @property
     def name(self) -> str:
@@ -130,6 +134,10 @@ class Registry:
     def __init__(self, modules: tuple[str, ...] = ()) -> None:
         self._table: dict[Any, Template | str] = {}
         self.version = 0
+        # compiled functions, keyed by code object and request: a registry's templates decide
+        # the generated code, so the memo of compilations lives with the registry
+        self.compiled: dict = {}
+        self.lock = threading.RLock()
         for name in modules:
             self.load_module(__import__(name, fromlist=["_"]))
 

@@ -91,7 +91,8 @@ def _call(func: gast.AST, *args: gast.AST) -> gast.Call:
 def _index_value(node: gast.AST) -> gast.AST:
     """An index as a value: ``1:3`` -> ``slice(1, 3, None)``."""
     if isinstance(node, gast.Slice):
-        parts = [p if p is not None else ir.const(None) for p in (node.lower, node.upper, node.step)]
+        bounds = (node.lower, node.upper, node.step)
+        parts = [p if p is not None else ir.const(None) for p in bounds]
         return _call(ir.name("slice"), *parts)
     if isinstance(node, gast.Tuple):
         return gast.Tuple(elts=[_index_value(e) for e in node.elts], ctx=gast.Load())
@@ -126,6 +127,20 @@ class Reverse:
         self.last_comment: Any = None
         self.rebinds: dict[int, bool] = {}  # id(stmt) -> its target may already be bound
         _bound_pass(body, set(params), self.rebinds)
+        self._reject_inplace(body)
+
+    def _reject_inplace(self, body: list) -> None:
+        """An in-place method on a value that carries gradient would make a wrong gradient."""
+        for s, _ in walk_statements(body):
+            call = s.value if isinstance(s, (gast.Assign, gast.Expr)) else None
+            callee = getattr(call, "pg_callee", None)
+            if callee is None or callee.kind != "inplace":
+                continue
+            recv = call.func.value
+            if isinstance(recv, gast.Name) and recv.id in self.act.varied:
+                self.fail(s, f"the in-place tensor method {callee.label}() on a value that "
+                          "carries gradient",
+                          f"write the out-of-place form: x = x.{callee.label[:-1]}(...)")
 
     # ------------------------------------------------------------------ names
     def dname(self, n: str) -> str:
@@ -349,9 +364,6 @@ class Reverse:
             return self.rev_template(s, t, callee, st, state, pop)
         if callee.kind == "opaque":
             return self.rev_opaque(s, t, st, state, pop)
-        if callee.kind == "inplace":
-            self.fail(s, f"the in-place tensor method {callee.label}() on a value that "
-                      "carries gradient", f"write the out-of-place form: x = x.{callee.label[:-1]}(...)")
         if callee.kind == "container":
             self.fail(s, f"the method {callee.label}() on a container holding gradients",
                       "index the container instead")
@@ -442,7 +454,7 @@ class Reverse:
         args, keywords = _call_operands(value)
         mapping = self.bind_template(s, tmpl, args, keywords)
         d_t = self.dname(t)
-        arg_names = {n.id for n in gast.walk(gast.Tuple(elts=list(mapping.values()),
+        arg_names = {n.id for n in ir.walk(gast.Tuple(elts=list(mapping.values()),
                                                          ctx=gast.Load()))
                      if isinstance(n, gast.Name)}
         self_ref = t in arg_names
@@ -467,7 +479,7 @@ class Reverse:
         body = ir.clone(tmpl.body)
         local_names = set()
         for stmt in body:
-            for n in gast.walk(stmt):
+            for n in ir.walk(stmt):
                 if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Store):
                     local_names.add(n.id)
         renames = {n: self.temp(("tmpl", id(s), n), f"{t}_{n}") for n in sorted(local_names)}
@@ -549,7 +561,7 @@ class Reverse:
 
 def _simplify(node: gast.AST) -> gast.AST:
     """Drop multiplications and divisions by the constant 1 that templates spell out."""
-    for n in gast.walk(node):
+    for n in ir.walk(node):
         for field_name in ("left", "right", "operand", "value", "func"):
             child = getattr(n, field_name, None)
             if isinstance(child, gast.AST):
@@ -666,7 +678,7 @@ class _Substitute(gast.NodeTransformer):
 
 def _replace_result(node: gast.AST, name: str) -> gast.AST:
     node = ir.clone(node)
-    for n in gast.walk(node):
+    for n in ir.walk(node):
         if isinstance(n, gast.Name) and n.id == "__pg_result__":
             n.id = name
     return node
@@ -674,7 +686,7 @@ def _replace_result(node: gast.AST, name: str) -> gast.AST:
 
 def _replace_name(node: gast.AST, old: str, new: str) -> gast.AST:
     node = ir.clone(node)
-    for n in gast.walk(node):
+    for n in ir.walk(node):
         if isinstance(n, gast.Name) and n.id == old and isinstance(n.ctx, gast.Load):
             n.id = new
     return node
