@@ -104,6 +104,7 @@ class Context:
     callees: list = field(default_factory=list)  # (function, source text) of inlined functions
     leaves: list = field(default_factory=list)  # (name, compile-time value) of implicit leaves
     free: set = field(default_factory=set)  # names the user's code reads as globals/builtins
+    samples: dict = field(default_factory=dict)  # generated name -> a value seen at call time
 
     def fresh(self, base: str) -> str:
         base = base.strip("_") or "t"
@@ -224,6 +225,7 @@ class Normalizer:
         value = self.scope.resolve(name, self.loc(node))
         kind, source = self.scope.source_of(name)
         ns = self.ctx.bind(kind, source, name, value, name)
+        self.ctx.samples.setdefault(ns, value)
         if isinstance(value, torch.Tensor) and value.requires_grad:
             if all(leaf != ns for leaf, _ in self.ctx.leaves):
                 self.ctx.leaves.append((ns, value))
@@ -243,6 +245,8 @@ class Normalizer:
             return MISSING
         value = self.scope.resolve(chain[0], self.loc(node))
         for part in chain[1:]:
+            if isinstance(value, torch.Tensor):  # x.T of a global tensor is computed, not static
+                return MISSING
             try:
                 value = getattr(value, part)
             except AttributeError:
@@ -251,6 +255,18 @@ class Normalizer:
                     f"the attribute {'.'.join(chain)} (it does not exist)",
                     "check the spelling; propgen resolves dotted names when compiling",
                 )
+        return value
+
+    def sample_value(self, node: gast.AST) -> Any:
+        """The value a dotted name rooted at a local had in the call being specialized."""
+        chain = ir.attr_chain(node)
+        if chain is None or not self.is_local(chain[0]):
+            return MISSING
+        value = self.ctx.samples.get(self.rename[chain[0]], MISSING)
+        for part in chain[1:]:
+            if value is MISSING or isinstance(value, torch.Tensor):
+                return MISSING
+            value = getattr(value, part, MISSING)
         return value
 
     def static_ref(self, node: gast.AST) -> gast.AST:
@@ -274,7 +290,7 @@ class Normalizer:
         if isinstance(e, gast.Attribute):
             value = self.static_value(e)
             if value is not MISSING:
-                if isinstance(value, torch.Tensor) and value.requires_grad:
+                if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
                     # a leaf such as model.weight: give it a name so its gradient has one
                     ref = self.static_ref(e)
                     t = self.ctx.fresh("_".join(ir.attr_chain(e)))
@@ -282,6 +298,14 @@ class Normalizer:
                     self.ctx.leaves.append((t, value))
                     return ir.name(t)
                 return self.static_ref(e)
+            sample = self.sample_value(e)
+            if isinstance(sample, torch.Tensor) and sample.requires_grad and sample.is_leaf:
+                # a parameter reached through an argument (model.fc.weight): a leaf whose
+                # gradient goes to .grad, as loss.backward() would do
+                t = self.ctx.fresh("_".join(self.rename.get(p, p) for p in ir.attr_chain(e)))
+                self.emit(ir.assign(t, self.expr(e, t)))
+                self.ctx.leaves.append((t, sample))
+                return ir.name(t)
         value = self.expr(e, hint)
         if ir.is_atom(value):
             return value
@@ -659,6 +683,8 @@ class Normalizer:
         call_cur = self.cur
         for p, a in binding:  # parameter bindings belong to the caller's line
             self.emit(ir.assign(rename[p], a))
+            if isinstance(a, gast.Name) and a.id in self.ctx.samples:
+                self.ctx.samples[rename[p]] = self.ctx.samples[a.id]
         self.ctx.inline_stack.append(key)
         body = lower_jumps(fdef.body, self.ctx.fresh, fdef)
         _add_stored(body, rename)

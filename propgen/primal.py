@@ -254,7 +254,7 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
     prim = Primal(rev, restore, reads)
     fwd_code = prim.block(body, set(rev.params))
     saved: list[str] = []
-    for n in _loads_outside_own_loops(bwd_code, set()):
+    for n in _loads_outside_own_loops(bwd_code + tail, set()):
         if n in primal and n not in saved:
             saved.append(n)
     bound_at_end: set = set(rev.params)
