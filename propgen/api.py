@@ -17,7 +17,7 @@ from propgen.emit import emit_module
 from propgen.fence import check
 from propgen.load import write_source
 from propgen.normalize import Context, normalize
-from propgen.optimize import remove_dead_resets
+from propgen.optimize import prune_dead_code, remove_dead_resets
 from propgen.parse import parse_function
 from propgen.primal import build
 from propgen.template import Registry
@@ -56,6 +56,7 @@ def compile_reverse(fn: Callable, wrt: tuple[int, ...], registry: Registry,
     ctx = Context(registry=registry)
     ctx.samples.update(samples or {})
     params, body = normalize(ctx, pf)
+    body = prune_dead_code(body)
     for i in wrt:
         if not -len(params) <= i < len(params):
             raise ValueError(

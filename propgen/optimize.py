@@ -60,3 +60,48 @@ def _block(stmts: list, live: set, names: set) -> tuple[list, set]:
 def remove_dead_resets(fdef: gast.FunctionDef, names: set) -> None:
     """Drop ``d = None`` statements (for d in ``names``) whose value nothing reads."""
     fdef.body, _ = _block(fdef.body, set(), names)
+
+
+def _pure(value: gast.AST) -> bool:
+    """True when computing ``value`` has no effect besides its result.
+
+    Ops with adjoint templates are pure; calls without one (opaque code, random number
+    generators, print) are kept even when their result is unused.
+    """
+    callee = getattr(value, "pg_callee", None)
+    if isinstance(value, gast.Call):
+        return callee is not None and callee.kind == "template"
+    if isinstance(value, (gast.BinOp, gast.UnaryOp, gast.Subscript)):
+        return callee is None or callee.kind in ("template", "nondiff")
+    return isinstance(value, (gast.Name, gast.Constant, gast.Attribute, gast.List, gast.Tuple,
+                              gast.Dict, gast.Compare))
+
+
+def _prune(stmts: list, live: set) -> list:
+    out = []
+    for s in stmts:
+        if (
+            isinstance(s, gast.Assign)
+            and isinstance(s.targets[0], gast.Name)
+            and s.targets[0].id not in live
+            and _pure(s.value)
+        ):
+            continue
+        for attr in ("body", "orelse"):
+            if isinstance(getattr(s, attr, None), list) and not isinstance(s, gast.With):
+                setattr(s, attr, _prune(getattr(s, attr), live))
+        out.append(s)
+    return out
+
+
+def prune_dead_code(body: list) -> list:
+    """Drop pure assignments whose value nothing reads (in the forward or the result)."""
+    while True:
+        live: set = set()
+        for s in ir.walk(body):
+            if isinstance(s, gast.Name) and not isinstance(s.ctx, gast.Store):
+                live.add(s.id)
+        new = _prune(body, live)
+        if sum(1 for _ in ir.walk(new)) == sum(1 for _ in ir.walk(body)):
+            return new
+        body = new
