@@ -446,8 +446,26 @@ class Normalizer:
                 node.pg_callee = Callee("nondiff", label="not")
                 self.emit(ir.assign(c, node))
                 test = ir.name(c)
-            self.emit(gast.If(test=test, body=body, orelse=[]))
+            self.emit_if(test, body, [])
         return ir.name(t)
+
+    def emit_if(self, test: gast.AST, body: list, orelse: list) -> None:
+        """Emit ``if test: body else: orelse``, copying the test if a branch rebinds it.
+
+        The backward pass re-tests the branch after the branch's own assignments were undone
+        inside it, so it sees the value the name had when the branch ends; a branch that
+        rebinds its own test (``t = a; if t: t = b`` from ``a and b``) needs the test kept.
+        """
+        if isinstance(test, gast.Name):
+            stored = {
+                n.id for s in body + orelse for n in gast.walk(s)
+                if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Store)
+            }
+            if test.id in stored:
+                kept = self.ctx.fresh(f"{test.id}_test")
+                self.emit(ir.assign(kept, ir.name(test.id)))
+                test = ir.name(kept)
+        self.emit(gast.If(test=test, body=body, orelse=orelse))
 
     def block_expr(self, fn: Any) -> list:
         saved, self.out = self.out, []
@@ -460,7 +478,7 @@ class Normalizer:
         t = self.ctx.fresh(hint)
         body = self.block_expr(lambda: self.emit(ir.assign(t, self.expr(e.body, t))))
         orelse = self.block_expr(lambda: self.emit(ir.assign(t, self.expr(e.orelse, t))))
-        self.emit(gast.If(test=test, body=body, orelse=orelse))
+        self.emit_if(test, body, orelse)
         return ir.name(t)
 
     def comprehension(self, e: gast.AST, hint: str) -> gast.AST:
@@ -732,9 +750,8 @@ class Normalizer:
             test = self.atom(s.test, "cond")
             body = self.block(s.body)
             orelse = self.block(s.orelse)
-            node = gast.If(test=test, body=body, orelse=orelse)
             self.cur = s
-            self.emit(node)
+            self.emit_if(test, body, orelse)
         elif isinstance(s, gast.For):
             self.for_loop(s)
         elif isinstance(s, gast.While):

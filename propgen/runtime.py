@@ -45,6 +45,22 @@ def acc(a: Any, b: Any) -> Any:
     return a + b
 
 
+def acc_into(a: Any, fresh: Any) -> Any:
+    """``a + fresh`` for a ``fresh`` tensor that nothing else refers to: the sum is written
+    into ``fresh`` when shapes, dtypes and devices agree (one allocation saved per
+    accumulation, as in autograd's engine); otherwise it is ``acc(a, fresh)``."""
+    if (
+        isinstance(a, torch.Tensor)
+        and isinstance(fresh, torch.Tensor)
+        and a.shape == fresh.shape
+        and a.dtype == fresh.dtype
+        and a.device == fresh.device
+        and not fresh.requires_grad
+    ):
+        return fresh.add_(a)
+    return acc(a, fresh)
+
+
 def grad_or_zeros(g: Any, x: Any) -> Any:
     """The gradient returned to the caller for ``x``: zeros shaped like x when none arrived."""
     if g is not None:

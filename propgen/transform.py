@@ -27,6 +27,7 @@ from propgen.analyse import Activity, assigned_names, walk_statements
 from propgen.errors import UnsupportedSyntaxError
 from propgen.normalize import Callee, Context
 from propgen.template import Template
+from propgen.templates import helpers
 
 __all__ = ["Reverse", "Pop", "PopSlot", "PopAppend", "Comment"]
 
@@ -82,6 +83,12 @@ def _join(a: dict, b: dict) -> dict:
     for k in set(a) | set(b):
         out[k] = DEF if a.get(k) == DEF and b.get(k) == DEF else MAYBE
     return out
+
+
+# Helpers whose result is their first argument or a new tensor computed from it.
+_PASS_FRESH = (helpers.unbroadcast, helpers.like)
+# Helpers whose result is always a new tensor.
+_MAKE_FRESH = (helpers.tanh_backward, helpers.sigmoid_backward, helpers.relu_backward)
 
 
 def _call(func: gast.AST, *args: gast.AST) -> gast.Call:
@@ -187,12 +194,37 @@ class Reverse:
         if st is None:
             state[d] = MAYBE if maybe_none else DEF
             return [ir.assign(d, expr)]
+        if self.is_fresh(expr):
+            # The new term is a tensor nothing else holds: add into its memory, as autograd's
+            # engine does, instead of allocating a third tensor for the sum.
+            if st == MAYBE:
+                self.maybe_vars.add(d)
+            state[d] = DEF if (st == DEF or not maybe_none) else MAYBE
+            return [ir.assign(d, _call(self.rt("acc_into"), ir.name(d), expr))]
         if st == DEF and not maybe_none and n in self.act.tensor:
             return [ir.assign(d, gast.BinOp(left=ir.name(d), op=gast.Add(), right=expr))]
         if st == MAYBE:
             self.maybe_vars.add(d)
         state[d] = DEF if (st == DEF or not maybe_none) else MAYBE
         return [ir.assign(d, _call(self.rt("acc"), ir.name(d), expr))]
+
+    def is_fresh(self, expr: gast.AST) -> bool:
+        """Whether ``expr`` surely evaluates to a new object that no name refers to.
+
+        Arithmetic makes new tensors (or numbers, which ``acc_into`` checks for);
+        ``unbroadcast`` and ``like`` return their argument or a new tensor made from it.
+        """
+        if isinstance(expr, gast.BinOp) or (
+            isinstance(expr, gast.UnaryOp) and isinstance(expr.op, gast.USub)
+        ):
+            return True
+        if isinstance(expr, gast.Call) and isinstance(expr.func, gast.Name) and expr.args:
+            binding = self.ctx.namespace.get(expr.func.id)
+            value = getattr(binding, "value", None)
+            if value in _MAKE_FRESH:
+                return True
+            return value in _PASS_FRESH and self.is_fresh(expr.args[0])
+        return False
 
     def reset(self, n: str, state: dict) -> list:
         d = self.dname(n)
