@@ -168,19 +168,23 @@ def _resolve(code: list, restore: set, reads: set, rev: Reverse) -> list:
                 pop = gast.Call(func=gast.Attribute(value=ir.name(rev.stack), attr="pop",
                                                     ctx=gast.Load()), args=[], keywords=[])
                 call = gast.Call(func=rev.rt("restore_slot"),
-                                 args=[ir.name(s.buffer), ir.clone(s.index), pop],
+                                 args=[ir.name(s.buffer), ir.clone(s.index), pop,
+                                       ir.name(rev.redo)],
                                  keywords=[])
+                rev.redo_used = True
                 out.append(gast.Expr(value=call))
             continue
         if isinstance(s, PopAppend):
             if s.items in reads:
                 if s.count is None:
-                    fn = gast.Attribute(value=ir.name(s.items), attr="pop", ctx=gast.Load())
-                    out.append(gast.Expr(value=gast.Call(func=fn, args=[], keywords=[])))
+                    call = gast.Call(func=rev.rt("undo_append"),
+                                     args=[ir.name(s.items), ir.name(rev.redo)], keywords=[])
                 else:
                     call = gast.Call(func=rev.rt("undo_extend"),
-                                     args=[ir.name(s.items), ir.clone(s.count)], keywords=[])
-                    out.append(gast.Expr(value=call))
+                                     args=[ir.name(s.items), ir.clone(s.count),
+                                           ir.name(rev.redo)], keywords=[])
+                out.append(gast.Expr(value=call))
+                rev.redo_used = True
             continue
         if isinstance(s, (gast.If, gast.For, gast.While)):
             s.body = _resolve(s.body, restore, reads, rev)
@@ -277,6 +281,14 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
         target = gast.Tuple(elts=[ir.name(n, True) for n in saved], ctx=gast.Store())
         unpack = [ir.assign(target, ir.name(saved_param))]
     inits = [ir.assign(d, ir.const(None)) for d in sorted(rev.maybe_vars) if d != seed]
+    if stack_used:
+        # pop from a copy: the saved values stay whole, so the backward can run again
+        inits.append(ir.assign(rev.stack, gast.Call(func=ir.name("list"),
+                                                    args=[ir.name(rev.stack)], keywords=[])))
+    if rev.redo_used:
+        inits.append(ir.assign(rev.redo, gast.List(elts=[], ctx=gast.Load())))
+        tail.append(gast.Expr(value=gast.Call(func=rev.rt("redo_all"),
+                                              args=[ir.name(rev.redo)], keywords=[])))
     ret_node = gast.Return(value=gast.Tuple(elts=results, ctx=gast.Load()))
     bwd = _fdef(bwd_name, [saved_param, seed], unpack + inits + bwd_code + tail + [ret_node],
                 rev.ctx)

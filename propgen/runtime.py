@@ -25,7 +25,9 @@ __all__ = [
     "pop_adjoint",
     "save_slot",
     "restore_slot",
+    "undo_append",
     "undo_extend",
+    "redo_all",
 ]
 
 
@@ -254,14 +256,38 @@ def save_slot(buffer: Any, index: Any) -> Any:
     return buffer[index]
 
 
-def restore_slot(buffer: Any, index: Any, saved: Any) -> None:
-    """Undo ``buffer[index] = ...`` with the value :func:`save_slot` kept."""
+def restore_slot(buffer: Any, index: Any, saved: Any, redo: list) -> None:
+    """Undo ``buffer[index] = ...`` with the value :func:`save_slot` kept, logging the value
+    it overwrites in ``redo`` so that :func:`redo_all` can bring the buffer back."""
+    redo.append((buffer, index, save_slot(buffer, index)))
     if saved is _EMPTY:
         del buffer[index]
     else:
         buffer[index] = saved
 
 
-def undo_extend(items: list, count: int) -> None:
-    """Undo ``items.extend(vs)`` where ``len(vs) == count``."""
-    del items[len(items) - count :]
+_APPEND = object()
+
+
+def undo_append(items: list, redo: list) -> None:
+    """Undo ``items.append(v)``, logging ``v`` in ``redo``."""
+    redo.append((items, _APPEND, [items.pop()]))
+
+
+def undo_extend(items: list, count: int, redo: list) -> None:
+    """Undo ``items.extend(vs)`` where ``len(vs) == count``, logging ``vs`` in ``redo``."""
+    cut = len(items) - count
+    redo.append((items, _APPEND, items[cut:]))
+    del items[cut:]
+
+
+def redo_all(redo: list) -> None:
+    """Redo, in the forward's order, what the backward undid to read earlier values: after the
+    backward, buffers and lists hold what the forward left in them, as the original function
+    would, and a second backward over the same saved values sees what the first one saw."""
+    for container, index, value in reversed(redo):
+        if index is _APPEND:
+            container.extend(value)
+        else:
+            restore_slot(container, index, value, [])
+    redo.clear()

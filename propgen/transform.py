@@ -131,6 +131,8 @@ class Reverse:
         for s, _ in walk_statements(body):
             self.primal.update(assigned_names(s))
         self.stack = "_stack"
+        self.redo = "_redo"  # what the backward undid in buffers and lists, redone at its end
+        self.redo_used = False
         self.last_comment: Any = None
         self.rebinds: dict[int, bool] = {}  # id(stmt) -> its target may already be bound
         _bound_pass(body, set(params), self.rebinds)

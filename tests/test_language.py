@@ -1066,3 +1066,51 @@ def test_opaque_module_with_tuple_input_and_output():
     torch.testing.assert_close(cell.weight_ih.grad, exp[2], **H.TIGHT64)
     torch.testing.assert_close(cell.bias_hh.grad, exp[3], **H.TIGHT64)
     assert "opaque" in propgen.source(df)
+
+
+# --------------------------------------------------------------------------------------------
+# State the caller sees after the call; running the backward more than once
+# --------------------------------------------------------------------------------------------
+
+
+def fill_buffer(x, buf, rows):
+    for i in range(3):
+        buf[i] = x[i] * buf[i] + 1.0
+        rows.append(buf[i] * 2.0)
+    return (buf * buf).sum() + sum(rows).sum()
+
+
+def fill_buffer_for_autograd(x, buf, rows):
+    """fill_buffer with its reads copied: autograd rejects overwriting what it saved."""
+    for i in range(3):
+        buf[i] = x[i] * buf[i].clone() + 1.0
+        rows.append(buf[i] * 2.0)
+    return (buf * buf).sum() + sum(rows).sum()
+
+
+def test_argument_buffers_and_lists_hold_what_the_function_left():
+    x = rn(3, 2)
+    buf, rows = torch.ones(3, 2, dtype=F64), []
+    want_buf, want_rows = buf.clone(), []
+    fill_buffer(x, want_buf, want_rows)
+    df = propgen.grad(fill_buffer)
+    g = df(x, buf, rows)
+    torch.testing.assert_close(buf, want_buf, **H.TIGHT64)
+    assert len(rows) == len(want_rows)
+    for got, want in zip(rows, want_rows):
+        torch.testing.assert_close(got, want, **H.TIGHT64)
+    xr = x.clone().requires_grad_(True)
+    fill_buffer_for_autograd(xr, torch.ones(3, 2, dtype=F64), []).backward()
+    torch.testing.assert_close(g, xr.grad, **H.TIGHT64)
+
+
+def test_backward_runs_again_on_the_same_saved_values():
+    x = rn(3, 2)
+    df = propgen.grad(fill_buffer)
+    result, saved = df.forward(x, torch.ones(3, 2, dtype=F64), [])
+    first = df.backward(saved, torch.tensor(1.0, dtype=F64))[0]
+    second = df.backward(saved, torch.tensor(2.0, dtype=F64))[0]
+    torch.testing.assert_close(second, 2 * first, **H.TIGHT64)
+    xr = x.clone().requires_grad_(True)
+    fill_buffer_for_autograd(xr, torch.ones(3, 2, dtype=F64), []).backward()
+    torch.testing.assert_close(first, xr.grad, **H.TIGHT64)
