@@ -117,6 +117,15 @@ class Context:
         self.used.add(cand)
         return cand
 
+    def internal(self, base: str) -> str:
+        """A fresh name for propgen's own bookkeeping (``_stack``), kept apart from the user's."""
+        cand, i = f"_{base}", 1
+        while cand in self.used:
+            cand = f"_{base}_{i}"
+            i += 1
+        self.used.add(cand)
+        return cand
+
     def bind(self, kind: str, source: Any, key: str, value: Any, prefer: str) -> str:
         """Name a free value in the generated module's namespace (reusing equal bindings)."""
         for ns_name, b in self.namespace.items():

@@ -130,8 +130,9 @@ class Reverse:
         self.primal: set[str] = set(params)
         for s, _ in walk_statements(body):
             self.primal.update(assigned_names(s))
-        self.stack = "_stack"
-        self.redo = "_redo"  # what the backward undid in buffers and lists, redone at its end
+        self.stack = ctx.internal("stack")
+        # what the backward undoes in buffers and lists, redone at its end
+        self.redo = ctx.internal("redo")
         self.redo_used = False
         self.last_comment: Any = None
         self.rebinds: dict[int, bool] = {}  # id(stmt) -> its target may already be bound

@@ -611,6 +611,13 @@ def aliased_gradients(x, w):
     return (z * x).sum() + (y + y).sum()
 
 
+def names_like_propgens(x, _stack, saved, d_x):
+    _redo = x * 2.0
+    for _ in range(2):
+        _redo = _redo * _stack + saved * d_x
+    return _redo.sum()
+
+
 def while_early_return(x):
     n = 0
     while n < 10:
@@ -701,6 +708,8 @@ CASES = [
     ("stop_gradient", stop_gradient, lambda: (rn(4),), (0,), {}),
     ("multiple_targets", multiple_targets, lambda: (rn(3),), (0,), {}),
     ("chained_comparisons", chained_comparisons, lambda: (rn(5),), (0,), {}),
+    ("names_like_propgens", names_like_propgens, lambda: (rn(3), rn(3), rn(3), rn(3)),
+     (0, 1, 2, 3), {}),
     ("branch_rebinds_its_test", branch_rebinds_its_test, lambda: (rn(3),), (0,), {}),
     ("aliased_gradients", aliased_gradients, lambda: (rn(3, 3), rn(3, 3)), (0, 1), {}),
     ("while_early_return", while_early_return, lambda: (rn(3).abs() * 0.5 + 0.2,), (0,), {}),
