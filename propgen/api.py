@@ -130,8 +130,9 @@ class GradFunction:
     """The gradient function returned by :func:`grad`; call it like the original function."""
 
     def __init__(self, fn: Callable, compiled: Compiled, preserve_result: bool,
-                 registry: Registry, key: tuple) -> None:
+                 registry: Registry, key: tuple, bound: tuple = ()) -> None:
         self.fn = fn
+        self.bound = bound  # the instance of a bound method, passed before the arguments
         self.preserve_result = preserve_result
         self.signature = inspect.signature(fn)
         self.registry = registry
@@ -218,7 +219,7 @@ class GradFunction:
         return loaded
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        values = self._args(args, kwargs)
+        values = self._args(self.bound + args, kwargs)
         loaded = self.last = self._loaded(values)
         loaded.refresh()
         with torch.no_grad():
@@ -283,7 +284,13 @@ def grad(
     """
     wrt = (wrt,) if isinstance(wrt, int) else tuple(wrt)
     registry = registry or Registry.default()
-    target = inspect.unwrap(f)
+    target = inspect.unwrap(f.forward if isinstance(f, torch.nn.Module) else f)
+    bound: tuple = ()
+    if inspect.ismethod(target):
+        # model.forward: compile the function with ``self`` as its first parameter, and pass
+        # the instance on each call (wrt counts the method's own arguments)
+        bound, target = (target.__self__,), target.__func__
+        wrt = tuple(i + 1 for i in wrt)
     code = getattr(target, "__code__", None)
     key = ("grad", code, code and code.co_filename, wrt, registry.version,
            _leaf_signature(target))
@@ -292,7 +299,7 @@ def grad(
         compiled = compile_reverse(target, wrt, registry)
         with registry.lock:
             registry.compiled[key] = compiled
-    df = GradFunction(target, compiled, preserve_result, registry, key)
+    df = GradFunction(target, compiled, preserve_result, registry, key, bound)
     if verbose:
         print(df.source)
     return df

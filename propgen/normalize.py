@@ -150,6 +150,14 @@ class Context:
         return self.parsed[key]
 
 
+# Attributes that never carry gradient, whatever object they are read from.
+NONDIFF_ATTRS = frozenset({
+    "shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_leaf",
+    "requires_grad", "grad_fn", "names", "data", "grad", "is_quantized", "is_meta", "itemsize",
+    "nbytes",
+})
+
+
 def _local_names(fdef: gast.FunctionDef) -> list[str]:
     names: list[str] = [a.id for a in fdef.args.args + fdef.args.kwonlyargs]
     names += [a.id for a in fdef.args.posonlyargs]
@@ -343,8 +351,18 @@ class Normalizer:
             base = self.atom(e.value, hint)
             node = gast.Attribute(value=base, attr=e.attr, ctx=gast.Load())
             node.pg_callee = self.classify("." + e.attr, e.attr)
-            if node.pg_callee.kind == "opaque":  # .shape, .dtype, .device ...: no gradient
-                node.pg_callee = Callee("nondiff", None, None, e.attr)
+            if node.pg_callee.kind == "opaque":
+                if e.attr in NONDIFF_ATTRS:
+                    node.pg_callee = Callee("nondiff", None, None, e.attr)
+                else:
+                    # any other attribute (dist.mean, outputs.logits) may carry gradient:
+                    # read it with getattr, an opaque call whose vector-Jacobian product
+                    # torch.autograd records
+                    fname = self.ctx.bind("value", None, "getattr", getattr, "getattr")
+                    call = gast.Call(func=ir.name(fname),
+                                     args=[base, ir.const(e.attr)], keywords=[])
+                    call.pg_callee = Callee("opaque", getattr, None, e.attr)
+                    return call
             return node
         if isinstance(e, gast.BinOp):
             fn, label = BINOPS[type(e.op)]

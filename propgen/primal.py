@@ -128,8 +128,10 @@ class Primal:
         rev = self.rev
         value = ir.clone(s.value)
         code: list = []
-        label = getattr(s.value.pg_callee, "label", "call")
-        code.append(Comment(f"opaque: {label}() has no adjoint template; torch.autograd records "
+        callee = s.value.pg_callee
+        label = getattr(callee, "label", "call")
+        what = f".{label}" if getattr(callee, "obj", None) is getattr else f"{label}()"
+        code.append(Comment(f"opaque: {what} has no adjoint template; torch.autograd records "
                             "its vector-Jacobian product"))
         mapping = {}
         for (sid, arg), leaf in rev.tracked.items():

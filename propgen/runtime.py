@@ -7,6 +7,7 @@ vector-Jacobian product of an opaque call).  No state lives in this module.
 
 from __future__ import annotations
 
+from collections.abc import ItemsView, KeysView, ValuesView
 from typing import Any
 
 import torch
@@ -99,20 +100,63 @@ def track(x: Any) -> Any:
         return x.detach().requires_grad_()
     if isinstance(x, (list, tuple)):
         return type(x)(track(e) for e in x)
+    if isinstance(x, dict):
+        return {k: track(v) for k, v in x.items()}
     return x
+
+
+# What an opaque call may return besides tensors and containers of them: values that carry
+# no gradient.  Anything else could hide tensors from the vector-Jacobian product.
+_PLAIN = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class _Hidden:
+    """Stands in the flattened output for an object propgen cannot see inside."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
 
 
 def _flatten(obj: Any, out: list) -> None:
     if isinstance(obj, torch.Tensor):
         out.append(obj)
-    elif isinstance(obj, (list, tuple)):
+    elif isinstance(obj, (list, tuple, ValuesView, KeysView)):
         for e in obj:
+            _flatten(e, out)
+    elif isinstance(obj, ItemsView):
+        for _, e in obj:
             _flatten(e, out)
     elif isinstance(obj, dict):
         for e in obj.values():
             _flatten(e, out)
-    else:
+    elif isinstance(obj, _PLAIN):
         out.append(None)
+    else:
+        out.append(_Hidden(obj))
+
+
+class ThroughAutograd:
+    """The gradient of an object propgen cannot look inside (a torch.distributions object, say)
+    that an opaque call consumed: the tensors inside it were made by earlier opaque calls,
+    so torch.autograd already carried this gradient to those calls' inputs, where it waits
+    in ``.grad`` until their own :func:`opaque_vjp` collects it."""
+
+    def __add__(self, other: Any) -> Any:
+        if other is None or isinstance(other, ThroughAutograd):
+            return self
+        raise TypeError(
+            "a gradient that torch.autograd carries inside an opaque object met an ordinary "
+            f"gradient ({type(other).__name__}); register an adjoint template for the calls "
+            "that make and use this object (@propgen.adjoint)"
+        )
+
+    __radd__ = __add__
+
+    def __repr__(self) -> str:
+        return "<gradient carried by torch.autograd>"
+
+
+THROUGH_AUTOGRAD = ThroughAutograd()
 
 
 def opaque_vjp(output: Any, d_output: Any, *inputs: Any) -> tuple:
@@ -120,7 +164,8 @@ def opaque_vjp(output: Any, d_output: Any, *inputs: Any) -> tuple:
 
     ``inputs`` are the leaves made by :func:`track`.  Parameters the call reached (an
     nn.Module's weights) get ``.grad`` accumulated, as ``loss.backward()`` would.
-    Returns the gradient of each input: zeros where none flowed, None for non-tensors.
+    Returns the gradient of each input: zeros where none flowed, None for non-tensors, and
+    ``THROUGH_AUTOGRAD`` for objects whose tensors autograd reaches by itself.
     """
     outs: list = []
     grads: list = []
@@ -129,29 +174,32 @@ def opaque_vjp(output: Any, d_output: Any, *inputs: Any) -> tuple:
     pairs = [
         (o, g)
         for o, g in zip(outs, grads)
-        if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+        if isinstance(o, torch.Tensor) and o.requires_grad and isinstance(g, torch.Tensor)
     ]
-    leaves: list = []
-    for x in inputs:
-        _flatten(x, leaves)
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-            leaf.grad = None
     if pairs:
+        # retain_graph: the backward may run again over the same saved values, and graphs
+        # of opaque calls joined through opaque objects are walked from several calls.
         with torch.enable_grad():
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs],
+                                    retain_graph=True)
     result = []
     for x in inputs:
         flat: list = []
         _flatten(x, flat)
-        gs = [
-            (t.grad if t.grad is not None else torch.zeros_like(t))
-            if isinstance(t, torch.Tensor) and t.requires_grad
-            else None
-            for t in flat
-        ]
+        gs = [_collect(t) for t in flat]
         result.append(gs[0] if isinstance(x, torch.Tensor) else _rebuild(x, iter(gs)))
     return tuple(result)
+
+
+def _collect(t: Any) -> Any:
+    """A tracked leaf's gradient (taken, so that a second backward starts from nothing)."""
+    if isinstance(t, _Hidden):
+        return THROUGH_AUTOGRAD
+    if not (isinstance(t, torch.Tensor) and t.requires_grad):
+        return None
+    g = t.grad if t.grad is not None else torch.zeros_like(t)
+    t.grad = None
+    return g
 
 
 def _rebuild(obj: Any, it: Any) -> Any:
@@ -161,8 +209,9 @@ def _rebuild(obj: Any, it: Any) -> Any:
         return [_rebuild(e, it) for e in obj]
     if isinstance(obj, dict):
         return {k: _rebuild(v, it) for k, v in obj.items()}
-    next(it)
-    return None
+    if isinstance(obj, (ValuesView, KeysView)):
+        return [_rebuild(e, it) for e in obj]
+    return next(it)
 
 
 def seq_adjoint(seq: Any, index: Any, g: Any) -> Any:

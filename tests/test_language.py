@@ -618,6 +618,19 @@ def names_like_propgens(x, _stack, saved, d_x):
     return _redo.sum()
 
 
+def distribution_objects(mu, log_sigma, x):
+    # Normal(...) and its methods are opaque; the object between them hides its tensors
+    dist = torch.distributions.Normal(mu, log_sigma.exp())
+    other = torch.distributions.Normal(mu * 0.5, 1.0)
+    kl = torch.distributions.kl_divergence(dist, other)
+    return dist.log_prob(x).sum() + dist.entropy().sum() + (dist.mean * x).sum() + kl.sum()
+
+
+def dict_views(x):
+    d = {k: v * (k + 1) for k, v in enumerate(x)}
+    return sum(d.values()) + max(d.values()) * min(d.values())
+
+
 def while_early_return(x):
     n = 0
     while n < 10:
@@ -710,6 +723,9 @@ CASES = [
     ("chained_comparisons", chained_comparisons, lambda: (rn(5),), (0,), {}),
     ("names_like_propgens", names_like_propgens, lambda: (rn(3), rn(3), rn(3), rn(3)),
      (0, 1, 2, 3), {}),
+    ("distribution_objects", distribution_objects, lambda: (rn(3), rn(3), rn(3)), (0, 1, 2),
+     {}),
+    ("dict_views", dict_views, lambda: (rn(4),), (0,), {}),
     ("branch_rebinds_its_test", branch_rebinds_its_test, lambda: (rn(3),), (0,), {}),
     ("aliased_gradients", aliased_gradients, lambda: (rn(3, 3), rn(3, 3)), (0, 1), {}),
     ("while_early_return", while_early_return, lambda: (rn(3).abs() * 0.5 + 0.2,), (0,), {}),
@@ -1123,3 +1139,30 @@ def test_backward_runs_again_on_the_same_saved_values():
     xr = x.clone().requires_grad_(True)
     fill_buffer_for_autograd(xr, torch.ones(3, 2, dtype=F64), []).backward()
     torch.testing.assert_close(first, xr.grad, **H.TIGHT64)
+
+
+class _TwoLayer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(4, 6).double()
+        self.l2 = torch.nn.Linear(6, 1).double()
+        self.scale = 2.0
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x)) * self.scale
+        return self.l2(h).pow(2).mean()
+
+
+@pytest.mark.parametrize("how", ["bound_method", "module"])
+def test_methods_and_modules(how):
+    torch.manual_seed(0)
+    net = _TwoLayer()
+    x = rn(5, 4)
+    xr = x.clone().requires_grad_(True)
+    net(xr).backward()
+    want = [xr.grad] + [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    df = propgen.grad(net.forward if how == "bound_method" else net)
+    got = [df(x)] + [p.grad for p in net.parameters()]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **H.TIGHT64)
