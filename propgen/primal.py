@@ -11,6 +11,7 @@ from __future__ import annotations
 import gast
 
 from propgen import ir
+from propgen.templates import helpers
 from propgen.transform import Comment, Pop, PopAppend, PopSlot, Reverse
 
 __all__ = ["build"]
@@ -36,8 +37,9 @@ def _walk_code(code: list):
 
 
 class Primal:
-    def __init__(self, rev: Reverse, restore: set, reads: set) -> None:
+    def __init__(self, rev: Reverse, restore: set, reads: set, meta_only: set) -> None:
         self.rev = rev
+        self.meta_only = meta_only  # names the backward reads only for shape, dtype, device
         self.ctx = rev.ctx
         self.restore = restore
         self.reads = reads
@@ -54,7 +56,14 @@ class Primal:
             return []
         if n not in bound and n not in self.pre_init:
             self.pre_init.append(n)
-        return [self.push(ir.name(n))]
+        return [self.push(self.saved_value(n))]
+
+    def saved_value(self, n: str) -> gast.AST:
+        """What the forward keeps of ``n``: its shape, dtype and device alone when that is all
+        the backward reads (a tensor kept only for its shape would hold its memory)."""
+        if n in self.meta_only:
+            return gast.Call(func=self.rev.rt("meta"), args=[ir.name(n)], keywords=[])
+        return ir.name(n)
 
     def block(self, stmts: list, bound: set) -> list:
         out: list = []
@@ -257,7 +266,8 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
             rev.maybe_vars.add(d)
     # forward
     rev.last_comment = None
-    prim = Primal(rev, restore, reads)
+    # (arguments stay whole: the caller holds them anyway)
+    prim = Primal(rev, restore, reads, _meta_only(bwd_code + tail, rev) - set(rev.params))
     fwd_code = prim.block(body, set(rev.params))
     saved: list[str] = []
     for n in _loads_outside_own_loops(bwd_code + tail, set()):
@@ -273,7 +283,7 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
     if stack_used:
         head.append(ir.assign(rev.stack, gast.List(elts=[], ctx=gast.Load())))
         saved.append(rev.stack)
-    saved_tuple = gast.Tuple(elts=[ir.name(n) for n in saved], ctx=gast.Load())
+    saved_tuple = gast.Tuple(elts=[prim.saved_value(n) for n in saved], ctx=gast.Load())
     fwd_ret = gast.Return(value=gast.Tuple(elts=[ir.clone(ret_atom), saved_tuple],
                                            ctx=gast.Load()))
     fwd = _fdef(fwd_name, list(rev.params), head + fwd_code + [fwd_ret], rev.ctx)
@@ -295,6 +305,26 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
     bwd = _fdef(bwd_name, [saved_param, seed], unpack + inits + bwd_code + tail + [ret_node],
                 rev.ctx)
     return fwd, bwd
+
+
+def _meta_only(code: list, rev: Reverse) -> set:
+    """Names that the backward reads only as the shape argument of ``unbroadcast`` or
+    ``expand_reduced`` (the second), which need a tensor's shape, dtype and device only."""
+    meta_funcs = {helpers.unbroadcast, helpers.expand_reduced}
+    meta_pos: set = set()
+    for stmt in code:
+        for n in ir.walk(stmt):
+            if (isinstance(n, gast.Call) and isinstance(n.func, gast.Name)
+                    and len(n.args) > 1 and isinstance(n.args[1], gast.Name)):
+                binding = rev.ctx.namespace.get(n.func.id)
+                if getattr(binding, "value", None) in meta_funcs:
+                    meta_pos.add(id(n.args[1]))
+    meta, real = set(), set()
+    for stmt in code:
+        for n in ir.walk(stmt):
+            if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Load):
+                (meta if id(n) in meta_pos else real).add(n.id)
+    return meta - real
 
 
 def _loads_outside_own_loops(code: list, loop_vars: set) -> list[str]:

@@ -26,6 +26,7 @@ __all__ = [
     "pop_adjoint",
     "save_slot",
     "restore_slot",
+    "meta",
     "undo_append",
     "undo_extend",
     "redo_all",
@@ -46,6 +47,27 @@ def acc(a: Any, b: Any) -> Any:
             out[k] = acc(out.get(k), v)
         return out
     return a + b
+
+
+class TensorMeta:
+    """A tensor's shape, dtype and device: what the backward keeps of a tensor it reads only
+    to undo broadcasting or a reduction, so that the tensor's memory is freed."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"TensorMeta(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+def meta(x: Any) -> Any:
+    """``TensorMeta`` of a tensor; anything else as it is."""
+    return TensorMeta(x) if isinstance(x, torch.Tensor) else x
 
 
 def acc_into(a: Any, fresh: Any) -> Any:

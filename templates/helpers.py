@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from propgen.runtime import seq_adjoint
+from propgen.runtime import TensorMeta, seq_adjoint
 
 __all__ = [
     "tanh_backward",
@@ -100,7 +100,7 @@ def unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:
 
     A Python number ``x`` was broadcast to every element: its gradient is ``g.sum()``.
     """
-    if not isinstance(x, torch.Tensor):
+    if not isinstance(x, (torch.Tensor, TensorMeta)):
         return g.sum()
     if g.shape != x.shape:
         g = g.sum_to_size(x.shape)

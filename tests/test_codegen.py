@@ -396,3 +396,26 @@ def test_deterministic_across_processes(tmp_path):
     # and this process generated the same text
     here = propgen.source(propgen.grad(H.codegen_target, wrt=(0, 1)))
     assert here == r1["source"]
+
+
+def _recurrence(x, w):
+    for _ in range(3):
+        x = torch.tanh(x * w + 1.0)
+    return x.sum()
+
+
+def test_tensors_read_only_for_their_shape_are_not_kept():
+    """``x * w`` is read by the backward only to undo broadcasting: the forward keeps its
+    shape, not its memory (autograd's AddBackward keeps sizes alone, too)."""
+    x, w = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    df = propgen.grad(_recurrence, wrt=(0, 1))
+    _, saved = df.forward(x, w)
+    flat = [v for s in saved for v in (s if isinstance(s, list) else [s])]
+    kept = [v for v in flat if isinstance(v, torch.Tensor)]
+    # w, the final x and the three values x takes before each step; no product x * w
+    assert len(kept) == 5, [tuple(v.shape) for v in kept]
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    _recurrence(xr, wr).backward()
+    gx, gw = df(x, w)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, wr.grad, rtol=1e-10, atol=1e-12)
