@@ -197,19 +197,16 @@ class Reverse:
         if st is None:
             state[d] = MAYBE if maybe_none else DEF
             return [ir.assign(d, expr)]
-        if self.is_fresh(expr):
-            # The new term is a tensor nothing else holds: add into its memory, as autograd's
-            # engine does, instead of allocating a third tensor for the sum.
-            if st == MAYBE:
-                self.maybe_vars.add(d)
-            state[d] = DEF if (st == DEF or not maybe_none) else MAYBE
-            return [ir.assign(d, _call(self.rt("acc_into"), ir.name(d), expr))]
-        if st == DEF and not maybe_none and n in self.act.tensor:
+        # A fresh term is a tensor nothing else holds: ``acc_into`` adds into its memory, as
+        # autograd's engine does, instead of allocating a third tensor for the sum.
+        fresh = self.is_fresh(expr)
+        if not fresh and st == DEF and not maybe_none and n in self.act.tensor:
             return [ir.assign(d, gast.BinOp(left=ir.name(d), op=gast.Add(), right=expr))]
         if st == MAYBE:
             self.maybe_vars.add(d)
         state[d] = DEF if (st == DEF or not maybe_none) else MAYBE
-        return [ir.assign(d, _call(self.rt("acc"), ir.name(d), expr))]
+        helper = "acc_into" if fresh else "acc"
+        return [ir.assign(d, _call(self.rt(helper), ir.name(d), expr))]
 
     def is_fresh(self, expr: gast.AST) -> bool:
         """Whether ``expr`` surely evaluates to a new object that no name refers to.
