@@ -7,11 +7,28 @@ breakpoints bind in it.
 
 from propgen.api import adjoint, grad, insert_grad_of, source
 from propgen.errors import PropgenError, UnresolvedNameError, UnsupportedSyntaxError
+from propgen.manager import PropagationManager, propagate
+from propgen.propagators import (
+    BackPropagator,
+    LossProp,
+    LRProp,
+    Propagator,
+    RPProp,
+    TotalProp,
+)
 from propgen.template import Registry, d, nondifferentiable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "propagate",
+    "PropagationManager",
+    "Propagator",
+    "BackPropagator",
+    "RPProp",
+    "LRProp",
+    "TotalProp",
+    "LossProp",
     "grad",
     "source",
     "adjoint",

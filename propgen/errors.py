@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["Location", "UnsupportedSyntaxError", "UnresolvedNameError", "PropgenError"]
+__all__ = [
+    "Location", "UnsupportedSyntaxError", "UnresolvedNameError", "PropgenError",
+    "ConfigurationError",
+]
 
 
 class Location:
@@ -58,3 +61,14 @@ class UnresolvedNameError(NameError, PropgenError):
             f"builtin of the function); define it before calling propgen.grad"
         )
         self.name = name
+
+
+class ConfigurationError(ValueError, PropgenError):
+    """A call site and the manager's configuration do not fit (an unknown keyword, an
+    unregistered propagator name, a target that reaches no node)."""
+
+    def __init__(self, loc: Location | None, problem: str, advice: str) -> None:
+        where = f"{loc.short}: " if loc else ""
+        code = f"\n    {loc.text.strip()}" if loc and loc.text else ""
+        super().__init__(f"{where}{problem}{code}\n  {advice}")
+        self.location = loc

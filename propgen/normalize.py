@@ -24,6 +24,7 @@ from propgen import ir
 from propgen.desugar import lower_jumps
 from propgen.errors import Location, UnsupportedSyntaxError
 from propgen.fence import check
+from propgen.nodes import expand_node, manager_of
 from propgen.parse import MISSING, ParsedFunction, Scope, parse_function
 from propgen.template import NONDIFF, Registry, Template
 
@@ -105,6 +106,7 @@ class Context:
     leaves: list = field(default_factory=list)  # (name, compile-time value) of implicit leaves
     free: set = field(default_factory=set)  # names the user's code reads as globals/builtins
     samples: dict = field(default_factory=dict)  # generated name -> a value seen at call time
+    propagation: Any = None  # the manager's compile-time view, for @propgen.propagate
 
     def fresh(self, base: str) -> str:
         base = base.strip("_") or "t"
@@ -571,6 +573,9 @@ class Normalizer:
             owner = self._local_func_owner(func.id)
             if owner is not None:
                 return self.inline_local(owner, func.id, e, hint)
+        manager = manager_of(self, func)
+        if manager is not None:
+            return expand_node(self, e, hint, manager)
         value = self.static_value(func) if isinstance(func, (gast.Name, gast.Attribute)) else None
         if value is None or value is MISSING:
             if isinstance(func, gast.Attribute):  # a method of a local value

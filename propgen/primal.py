@@ -301,9 +301,21 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
         inits.append(ir.assign(rev.redo, gast.List(elts=[], ctx=gast.Load())))
         tail.append(gast.Expr(value=gast.Call(func=rev.rt("redo_all"),
                                               args=[ir.name(rev.redo)], keywords=[])))
+    bwd_params = [saved_param, seed]
+    if rev.ctx.propagation is not None:
+        # messages flow in from later nodes (the loss) and what remains flows out
+        msgs = rev.ctx.internal("messages")
+        bwd_params.append(msgs)
+        for key, var in sorted(rev.channels.items()):
+            get = gast.Call(func=gast.Attribute(value=ir.name(msgs), attr="get",
+                                                ctx=gast.Load()),
+                            args=[ir.const(key)], keywords=[])
+            inits.append(ir.assign(var, get))
+        out = gast.Dict(keys=[ir.const(k) for k in sorted(rev.channels)],
+                        values=[ir.name(v) for _, v in sorted(rev.channels.items())])
+        results = results + [out]
     ret_node = gast.Return(value=gast.Tuple(elts=results, ctx=gast.Load()))
-    bwd = _fdef(bwd_name, [saved_param, seed], unpack + inits + bwd_code + tail + [ret_node],
-                rev.ctx)
+    bwd = _fdef(bwd_name, bwd_params, unpack + inits + bwd_code + tail + [ret_node], rev.ctx)
     return fwd, bwd
 
 

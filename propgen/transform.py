@@ -135,6 +135,9 @@ class Reverse:
         self.redo = ctx.internal("redo")
         self.redo_used = False
         self.last_comment: Any = None
+        self.dprefix = "d_"  # contributions (TotalProp) use their own adjoint names
+        self.channels: dict[str, str] = {}  # message name -> its variable in the backward
+        self.node_blocks: dict[int, tuple[list, int]] = {}
         self.rebinds: dict[int, bool] = {}  # id(stmt) -> its target may already be bound
         _bound_pass(body, set(params), self.rebinds)
         self._reject_inplace(body)
@@ -155,7 +158,7 @@ class Reverse:
     # ------------------------------------------------------------------ names
     def dname(self, n: str) -> str:
         if n not in self.dnames:
-            self.dnames[n] = self.ctx.fresh("d_" + n)
+            self.dnames[n] = self.ctx.fresh(self.dprefix + n)
         return self.dnames[n]
 
     def temp(self, key: tuple, base: str) -> str:
@@ -233,6 +236,27 @@ class Reverse:
         del state[d]
         return [ir.assign(d, ir.const(None))]
 
+    def node_block(self, stmt_id: int) -> tuple[list, int]:
+        """The block holding the statement with ``id(stmt) == stmt_id``, and its index."""
+        def find(block: list) -> tuple[list, int] | None:
+            for i, st in enumerate(block):
+                if id(st) == stmt_id:
+                    return block, i
+                for attr in ("body", "orelse"):
+                    inner = getattr(st, attr, None)
+                    if isinstance(inner, list):
+                        hit = find(inner)
+                        if hit is not None:
+                            return hit
+            return None
+
+        if stmt_id not in self.node_blocks:
+            hit = find(self.body)
+            if hit is None:
+                raise AssertionError("a node's statements are not in the function body")
+            self.node_blocks[stmt_id] = hit
+        return self.node_blocks[stmt_id]
+
     # --------------------------------------------------------------- reverse
     def rev_block(self, stmts: list, state: dict) -> list:
         code: list = []
@@ -262,6 +286,10 @@ class Reverse:
             return self.rev_loop(s, state)
         if isinstance(s, gast.With) and getattr(s, "pg_grad_of", False):
             return self.rev_grad_of(s, state)
+        if isinstance(s, gast.With) and getattr(s, "pg_node", None) is not None:
+            from propgen.splice import rev_node
+
+            return rev_node(self, s, state)
         return []
 
     def rev_loop(self, s: gast.AST, state: dict) -> list:
@@ -371,6 +399,8 @@ class Reverse:
         value = s.value
         pop = Pop(t, self.rebinds.get(id(s), True))
         if t not in self.act.active or getattr(s, "pg_nograd", False):
+            return [pop] + self._reset_multi(t, state)
+        if getattr(s, "pg_node_output", False):  # the node's backward templates route it
             return [pop] + self._reset_multi(t, state)
         st = self.read(t, state)
         if st is None:

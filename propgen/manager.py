@@ -1,0 +1,388 @@
+"""Automatic propagation: ``@propgen.propagate`` and :class:`PropagationManager`.
+
+The program code calls ``manager.forward(x, ...)`` where something special should happen;
+the configuration code chooses the propagators.  Calling a decorated function runs code
+generated for the manager's configuration (each call site's propagator inlined) and records
+what it saved on the manager's tape; ``manager.backward(loss)`` appends the loss node and
+runs the generated backward passes, newest first, passing gradients and messages between
+them.  Gradients land in ``.grad`` of the leaf tensors used, as with ``loss.backward()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from propgen.api import _cached, _leaf_signature, _Loaded, compile_reverse
+from propgen.propagators import BackPropagator, LossProp, Propagator
+from propgen.template import Registry
+
+__all__ = ["PropagationManager", "propagate", "PropagatedFunction"]
+
+
+class PropagationManager:
+    """The configuration of a propagation algorithm and the tape of the current forward pass.
+
+    ``default_propagator`` serves every call site that names no other; ``add_propagator(name,
+    p)`` registers one that a call site selects with ``local_propagator=name``;
+    ``loss_propagator`` is the loss node ``backward`` appends (by default the one the default
+    propagator asks for: LR needs no loss gradient, RP and TP do); ``terminal_propagator``
+    handles what remains after the last node (``None`` drops gradients a node with
+    ``backprop=False`` leaves unsent).
+    """
+
+    def __init__(self, default_propagator: Propagator | None = None,
+                 loss_propagator: LossProp | None = None,
+                 terminal_propagator: Propagator | None | str = "backprop") -> None:
+        if terminal_propagator == "backprop":
+            terminal_propagator = BackPropagator()
+        if default_propagator is None:
+            default_propagator = BackPropagator()
+        for what, p in (("default_propagator", default_propagator),
+                        ("terminal_propagator", terminal_propagator)):
+            if p is not None and not isinstance(p, Propagator):
+                raise TypeError(f"{what} must be a propgen propagator, not {p!r}")
+        if loss_propagator is not None and not isinstance(loss_propagator, LossProp):
+            raise TypeError(f"loss_propagator must be a propgen.LossProp, not {loss_propagator!r}")
+        self.default_propagator = default_propagator
+        self.loss_propagator = loss_propagator
+        self.terminal_propagator = terminal_propagator
+        self.propagators: dict[str, Propagator] = {}
+        self._tape: list[_Record] = []
+
+    def add_propagator(self, name: str, propagator: Propagator) -> None:
+        """Register ``propagator`` under ``name`` for ``manager.forward(x,
+        local_propagator=name)``."""
+        if not isinstance(propagator, Propagator):
+            raise TypeError(f"add_propagator({name!r}, ...) needs a propgen propagator, not "
+                            f"{propagator!r}")
+        self.propagators[name] = propagator
+
+    def structure(self) -> tuple:
+        """What generated code depends on (propagator classes and options, not values)."""
+        return (self.default_propagator.structure(),
+                tuple((k, p.structure()) for k, p in sorted(self.propagators.items())),
+                self.terminal_propagator is None)
+
+    def forward(self, x: Any, **kwargs: Any) -> Any:
+        """Only meaningful inside a function decorated with ``@propgen.propagate``."""
+        frame = sys._getframe(1)
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        raise RuntimeError(
+            f"{where}: manager.forward(...) was called outside a function decorated with "
+            "@propgen.propagate; propgen compiles the call sites of such functions (decorate "
+            "the function that calls manager.forward)")
+
+    @property
+    def nodes(self) -> int:
+        """How many decorated-function calls are recorded since the last backward."""
+        return len(self._tape)
+
+    def backward(self, loss: Any = None) -> dict:
+        """Append the loss node and run the recorded backward passes, newest first.
+
+        A per-sample ``loss`` of shape (B,) or (B, 1) is differentiated as its mean, a scalar
+        as itself; it is also sent to the nodes as the ``local_loss`` message.  Returns the
+        messages left after the first node.  The tape is freed, also when this raises.
+        """
+        tape, self._tape = self._tape, []
+        if not tape:
+            raise RuntimeError(
+                "manager.backward() with nothing recorded: call the @propgen.propagate "
+                "function first (each forward can be backpropagated once)")
+        lossprop = self.loss_propagator or self.default_propagator.loss_propagator()
+        messages: dict = {}
+        seeds: dict[int, Any] = {}
+        if loss is not None:
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"manager.backward(loss) needs a tensor, not {type(loss)}")
+            per_sample = _per_sample(loss)
+            messages["local_loss"] = per_sample
+            if lossprop.lossgrad:
+                seeds = _seeds(tape, loss)
+        for rec in reversed(tape):
+            seed = seeds.get(id(rec))
+            if seed is None:
+                seed = _zeros_like(rec.result)
+            with torch.no_grad():
+                *grads, messages = rec.loaded.backward(rec.saved, seed, messages)
+            for i, g in zip(rec.wrt, grads):
+                _route(tape, seeds, rec.values[i], g)
+        return messages
+
+
+def _per_sample(loss: torch.Tensor) -> torch.Tensor | None:
+    if loss.dim() == 0:
+        return None
+    if loss.dim() == 1 or (loss.dim() == 2 and loss.shape[1] == 1):
+        return loss.detach().reshape(loss.shape[0])
+    raise ValueError(
+        f"manager.backward(loss): a loss of shape {tuple(loss.shape)}; pass a scalar or a "
+        "per-sample loss of shape (B,) or (B, 1)")
+
+
+def _seeds(tape: list, loss: torch.Tensor) -> dict:
+    """The gradient of the (mean) loss at each record's result."""
+    weight = torch.full_like(loss, 1.0 / max(loss.numel(), 1))
+    for rec in tape:
+        if rec.result is loss:
+            return {id(rec): weight}
+    outs = [(rec, t) for rec in tape for t in _tensors(rec.result) if t.requires_grad]
+    if not loss.requires_grad or not outs:
+        raise ValueError(
+            "manager.backward(loss): the loss does not depend on what the propagated "
+            "function returned; return the loss (or what it is computed from) from it")
+    grads = torch.autograd.grad(loss, [t for _, t in outs], weight, allow_unused=True)
+    seeds: dict = {}
+    by_rec: dict = {}
+    for (rec, t), g in zip(outs, grads):
+        by_rec.setdefault(id(rec), (rec, []))[1].append((t, g))
+    for key, (rec, pairs) in by_rec.items():
+        got = {id(t): g for t, g in pairs}
+        seeds[key] = _rebuild_seed(rec.result, got)
+    return seeds
+
+
+def _rebuild_seed(result: Any, got: dict) -> Any:
+    if isinstance(result, torch.Tensor):
+        g = got.get(id(result))
+        return g if g is not None else torch.zeros_like(result)
+    if isinstance(result, (tuple, list)):
+        return type(result)(_rebuild_seed(r, got) for r in result)
+    return None
+
+
+def _tensors(obj: Any) -> list:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _zeros_like(result: Any) -> Any:
+    if isinstance(result, torch.Tensor):
+        return torch.zeros_like(result)
+    if isinstance(result, (tuple, list)):
+        return type(result)(_zeros_like(r) for r in result)
+    return 0.0
+
+
+def _route(tape: list, seeds: dict, arg: Any, g: Any) -> None:
+    """Send an argument's gradient on: to the call that produced it, to its ``.grad`` if it is
+    a leaf, or into the autograd graph that made it."""
+    if g is None or not isinstance(arg, torch.Tensor):
+        return
+    for rec in tape:
+        for t in _tensors(rec.result):
+            if t is arg:
+                seeds[id(rec)] = _add_seed(seeds.get(id(rec)), rec.result, t, g)
+                return
+    if arg.is_leaf:
+        arg.grad = g.clone() if arg.grad is None else arg.grad + g
+    else:
+        torch.autograd.backward(arg, g)
+
+
+def _add_seed(seed: Any, result: Any, t: torch.Tensor, g: torch.Tensor) -> Any:
+    if isinstance(result, torch.Tensor):
+        return g if seed is None else seed + g
+    seed = list(seed) if seed is not None else [torch.zeros_like(r) for r in result]
+    for i, r in enumerate(result):
+        if r is t:
+            seed[i] = seed[i] + g
+    return type(result)(seed)
+
+
+@dataclass
+class _Record:
+    loaded: _Loaded
+    saved: Any
+    result: Any
+    values: list
+    wrt: tuple
+
+
+@dataclass
+class _View:
+    """The manager as the compiler sees it: the configuration, not the tensors."""
+
+    manager: PropagationManager
+    ctx: Any = None  # the compilation's Context, set by compile_reverse
+    sites: list = field(default_factory=list)
+    templates: dict = field(default_factory=dict)
+    configs: dict = field(default_factory=dict)  # namespace name -> (path, key)
+
+    def path(self, prop: Propagator) -> tuple:
+        if prop is self.manager.default_propagator:
+            return ("default",)
+        for name, p in self.manager.propagators.items():
+            if p is prop:
+                return ("named", name)
+        return ("fixed", prop)
+
+    def config_binding(self, prop: Propagator, key: str) -> str:
+        """A name in the generated module holding a propagator's default keyword, refreshed
+        from the manager at every call (values may change without recompiling)."""
+        from propgen.normalize import Binding
+
+        ctx_ns = self.ctx.namespace
+        path = self.path(prop)
+        for ns_name, b in ctx_ns.items():
+            if b.kind == "config" and b.source == path and b.key == key:
+                return ns_name
+        ns_name = self.ctx.fresh(f"{type(prop).__name__.lower()}_{key}")
+        ctx_ns[ns_name] = Binding("config", path, key, _config_value(prop, key))
+        return ns_name
+
+    def describe(self) -> str:
+        return repr(self.manager.default_propagator) + (
+            f" and {sorted(self.manager.propagators)}" if self.manager.propagators else "")
+
+
+def _config_value(prop: Propagator, key: str) -> Any:
+    return getattr(prop, key) if key == "baseline" else prop.defaults[key]
+
+
+def _resolve_path(manager: PropagationManager, path: tuple) -> Propagator:
+    if path[0] == "default":
+        return manager.default_propagator
+    if path[0] == "named":
+        return manager.propagators[path[1]]
+    return path[1]
+
+
+class PropagatedFunction:
+    """A function decorated with :func:`propagate`; call it like the original."""
+
+    def __init__(self, fn: Callable, registry: Registry | None = None) -> None:
+        self.fn = inspect.unwrap(fn)
+        self.registry = registry or Registry.default()
+        self.signature = inspect.signature(self.fn)
+        self.params = list(self.signature.parameters)
+        self.variants: dict = {}
+        self.last: _Loaded | None = None
+        self.__name__ = self.fn.__name__
+        self.__qualname__ = self.fn.__qualname__
+        self.__doc__ = self.fn.__doc__
+        self.__wrapped__ = self.fn
+
+    def _manager(self, values: list) -> PropagationManager:
+        for v in values:
+            if isinstance(v, PropagationManager):
+                return v
+        code = self.fn.__code__
+        for cell in self.fn.__closure__ or ():
+            try:
+                v = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(v, PropagationManager):
+                return v
+        for name in code.co_names:
+            v = self.fn.__globals__.get(name)
+            if isinstance(v, PropagationManager):
+                return v
+        raise TypeError(
+            f"{self.fn.__qualname__} is decorated with @propgen.propagate but reads no "
+            "PropagationManager: pass one as an argument (or close over one)")
+
+    def _loaded(self, values: list, manager: PropagationManager) -> tuple[_Loaded, tuple]:
+        wrt = tuple(i for i, v in enumerate(values)
+                    if isinstance(v, torch.Tensor) and v.requires_grad)
+        spec = tuple(_flags(v) for v in values)
+        key = ("propagate", self.fn.__code__, self.fn.__code__.co_filename,
+               manager.structure(), spec, self.registry.version, _leaf_signature(self.fn))
+        loaded = self.variants.get(key)
+        if loaded is None:
+            compiled = _cached(self.registry, key)
+            if compiled is None:
+                view = _View(manager)
+                samples = dict(zip(self.params, values))
+                compiled = compile_reverse(self.fn, wrt, self.registry, samples,
+                                           propagation=view)
+                compiled.configs = {n: b for n, b in compiled.bindings.items()
+                                    if b.kind == "config"}
+                with self.registry.lock:
+                    self.registry.compiled[key] = compiled
+            loaded = self.variants[key] = _Loaded(self.fn, compiled)
+        return loaded, wrt
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = [bound.arguments[p] for p in self.params]
+        manager = self._manager(values)
+        loaded, wrt = self._loaded(values, manager)
+        self.last = loaded
+        loaded.refresh()
+        ns = loaded.namespace
+        for name, b in loaded.compiled.configs.items():
+            ns[name] = _config_value(_resolve_path(manager, b.source), b.key)
+        with torch.no_grad():
+            result, saved = loaded.forward(*values)
+        result = _expose(result)
+        manager._tape.append(_Record(loaded, saved, result, values, wrt))
+        return result
+
+    @property
+    def source(self) -> str:
+        """The generated code last run."""
+        if self.last is None:
+            raise RuntimeError(f"{self.fn.__qualname__} has not run yet: call it once, or use "
+                               "propgen.source(fn, manager)")
+        return self.last.compiled.path.read_text(encoding="utf-8")
+
+    def source_for(self, manager: PropagationManager) -> str:
+        """The generated code for ``manager``'s configuration (the latest variant run)."""
+        want = manager.structure()
+        for key, loaded in reversed(list(self.variants.items())):
+            if key[3] == want:
+                return loaded.compiled.path.read_text(encoding="utf-8")
+        raise RuntimeError(
+            f"{self.fn.__qualname__} has not run with this configuration yet: call it once "
+            "with the manager, then ask for its source")
+
+    def __repr__(self) -> str:
+        return f"<propgen propagated function {self.fn.__qualname__}>"
+
+
+def _flags(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return ("t", v.requires_grad)
+    if isinstance(v, torch.nn.Module):
+        return (type(v), tuple(p.requires_grad for p in v.parameters()))
+    if isinstance(v, PropagationManager):
+        return "manager"
+    return None
+
+
+def _expose(result: Any) -> Any:
+    """Results leave as tensors that require grad, so a loss computed from them outside the
+    function can be differentiated back to them."""
+    if isinstance(result, torch.Tensor):
+        if result.is_floating_point() or result.is_complex():
+            return result.detach().requires_grad_()
+        return result
+    if isinstance(result, tuple):
+        return tuple(_expose(r) for r in result)
+    if isinstance(result, list):
+        return [_expose(r) for r in result]
+    return result
+
+
+def propagate(fn: Callable | None = None, *, registry: Registry | None = None) -> Any:
+    """Decorate a function whose body calls ``manager.forward(x, ...)``.
+
+    Each call runs code generated for the manager's configuration and records it;
+    ``manager.backward(loss)`` then runs the generated backward.  ``propgen.source(fn,
+    manager)`` returns the generated code.
+    """
+    if fn is None:
+        return lambda f: PropagatedFunction(f, registry)
+    return PropagatedFunction(fn, registry)

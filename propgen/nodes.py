@@ -1,0 +1,232 @@
+"""Stage 2b, node expansion: a ``manager.forward(x, ...)`` call site becomes inlined code.
+
+The normalizer calls :func:`expand_node` for each call site it meets (in loops, branches and
+inlined user functions alike).  The configured propagator's forward templates are spliced
+in as forward-only statements, the node output is assigned by a statement whose gradient
+the compiler does not derive itself, and a :class:`NodeSite` marker statement carries the
+backward templates to the transform, which splices them where the backward pass reaches
+the node.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gast
+
+from propgen import ir
+from propgen.template import Template
+
+if TYPE_CHECKING:
+    from propgen.normalize import Normalizer
+
+__all__ = ["NodeSite", "expand_node", "manager_of"]
+
+_UNSUPPORTED_KEYWORDS = {
+    "force_targets": "message targets are not supported yet; leave the default target",
+    "get_node": "propgen nodes are code, not objects; read values in the function instead",
+}
+
+
+@dataclass
+class NodeSite:
+    """What the transform needs to splice one node's backward templates."""
+
+    label: str  # the propagator, for the provenance comment
+    site: str  # file:line of the call site
+    backward: list  # backward templates, in the order they run (reverse part order)
+    mapping: dict  # template parameter -> atom (output, x, forward locals, keywords)
+    output: str
+    x: gast.AST
+    send_gradient: bool = True
+    first_stmt: int = 0  # id() of the node's first forward statement (segment boundary)
+    hint: str = "node"
+
+
+def manager_of(nz: Normalizer, func: gast.AST) -> Any:
+    """The PropagationManager ``func``'s receiver is, when it is one (``manager.forward``)."""
+    from propgen.manager import PropagationManager
+
+    if not isinstance(func, gast.Attribute):
+        return None
+    recv = func.value
+    value = nz.sample_value(recv)
+    if not isinstance(value, PropagationManager):
+        try:
+            value = nz.static_value(recv)
+        except Exception:  # an unresolvable name is reported where it is used
+            return None
+    return value if isinstance(value, PropagationManager) else None
+
+
+def _template(fn: Any, cache: dict) -> Template:
+    if fn not in cache:
+        cache[fn] = Template(fn, ())
+    return cache[fn]
+
+
+def expand_node(nz: Normalizer, e: gast.Call, hint: str, manager: Any) -> gast.AST:
+    """Inline the call site's propagator; returns the atom holding the node output."""
+    ctx = nz.ctx
+    label = f"{ir.attr_chain(e.func) and '.'.join(ir.attr_chain(e.func))}"
+    if e.func.attr != "forward":
+        nz.fail(e, f"the manager method {label}() inside a propagated function",
+                "call manager.forward(x, ...) here, and manager.backward(loss) after the "
+                "function returns")
+    if ctx.propagation is None:
+        nz.fail(e, "manager.forward(...) in a function compiled by propgen.grad",
+                "decorate the function with @propgen.propagate instead")
+    if len(e.args) != 1 or any(k.arg is None for k in e.keywords):
+        nz.fail(e, "manager.forward with other than one positional argument",
+                "write manager.forward(x, keyword=value, ...)")
+    prop = manager.default_propagator
+    keywords: dict[str, gast.AST] = {}
+    for k in e.keywords:
+        if k.arg in _UNSUPPORTED_KEYWORDS:
+            nz.fail(k.value, f"manager.forward(..., {k.arg}=...)", _UNSUPPORTED_KEYWORDS[k.arg])
+        if k.arg == "local_propagator":
+            prop = _local_propagator(nz, k.value, manager)
+        else:
+            keywords[k.arg] = k.value
+    if prop is None:
+        _error(nz, e, "manager.forward without a propagator (the manager has no default)",
+               "pass local_propagator=... or give the manager a default_propagator")
+    # a keyword another propagator uses is ignored here, so that switching the configuration
+    # never needs the program changed; one that no propagator knows is a mistake
+    known = _known_keywords(manager)
+    unknown = sorted(set(keywords) - known)
+    if unknown:
+        _error(nz, e, f"manager.forward got the keyword(s) {unknown}, which no propagator "
+               f"accepts (the one here is {prop.label})",
+               f"{type(prop).__name__} accepts {list(prop.keywords) or 'no keywords'}; "
+               f"propgen's propagators know {sorted(known)}")
+    x = nz.atom(e.args[0], hint)
+    loc = nz.loc(e)
+    mapping: dict[str, gast.AST] = {"x": x, "site": ir.const(f"{loc.short}")}
+    for k in keywords:
+        if k not in prop.keywords:  # evaluated as the program says, unused by this propagator
+            nz.atom(keywords[k], f"{hint}_{k}")
+    for k in prop.keywords:
+        if k in keywords:
+            mapping[k] = nz.atom(keywords[k], f"{hint}_{k}")
+        elif k in prop.defaults:
+            ns = ctx.propagation.config_binding(prop, k)
+            mapping[k] = ir.name(ns)
+        else:
+            mapping[k] = ir.const(None)
+    for opt in ("k_interval",):
+        if hasattr(prop, opt):
+            mapping[opt] = ir.const(getattr(prop, opt))
+    if getattr(prop, "baseline_func", None) is not None:
+        mapping["baseline_func"] = ir.name(ctx.propagation.config_binding(prop, "baseline"))
+    cache = ctx.propagation.templates
+    parts = prop.parts()
+    out = ctx.fresh(f"{hint}_node")
+    start = len(nz.out)
+    for part in parts:
+        if part.forward is not None:
+            _splice_forward(nz, _template(part.forward, cache), mapping, hint, out, x)
+    if not any(p.forward for p in parts):
+        nz.emit(_output_assign(out, ir.clone(x), x))
+    first = nz.out[start] if len(nz.out) > start else None
+    mapping["output"] = ir.name(out)
+    send = getattr(prop, "backprop", True) or manager.terminal_propagator is not None
+    site = NodeSite(prop.label, loc.short, [_template(p.backward, cache) for p in
+                                            reversed(parts) if p.backward is not None],
+                    mapping, out, x, send, id(first), hint)
+    marker = gast.With(items=[], body=[gast.Pass()], type_comment=None)
+    marker.pg_node = site
+    nz.emit(marker)
+    ctx.propagation.sites.append(site)
+    return ir.name(out)
+
+
+def _local_propagator(nz: Normalizer, node: gast.AST, manager: Any) -> Any:
+    from propgen.propagators import Propagator
+
+    if isinstance(node, gast.Constant) and isinstance(node.value, str):
+        prop = manager.propagators.get(node.value)
+        if prop is None:
+            _error(nz, node, f"local_propagator={node.value!r} is not registered with the "
+                   "manager", f"register it with manager.add_propagator({node.value!r}, "
+                   f"propagator); registered: {sorted(manager.propagators)}")
+        return prop
+    value = nz.sample_value(node)
+    if not isinstance(value, Propagator):
+        value = nz.static_value(node) if isinstance(node, (gast.Name, gast.Attribute)) else None
+    if not isinstance(value, Propagator):
+        nz.fail(node, "a local_propagator that is not known when compiling",
+                "pass a registered name (a string) or a propagator bound outside the function")
+    return value
+
+
+def _error(nz: Normalizer, node: gast.AST, problem: str, advice: str) -> None:
+    from propgen.errors import ConfigurationError
+
+    raise ConfigurationError(nz.loc(node), problem, advice)
+
+
+def _known_keywords(manager: Any) -> set:
+    from propgen.propagators import Propagator
+
+    known: set = set()
+    todo = [Propagator]
+    while todo:
+        cls = todo.pop()
+        known.update(cls.keywords)
+        todo.extend(cls.__subclasses__())
+    for p in [manager.default_propagator, *manager.propagators.values()]:
+        known.update(p.keywords)
+    return known
+
+
+def _output_assign(out: str, value: gast.AST, x: gast.AST) -> gast.Assign:
+    from propgen.normalize import Callee
+
+    stmt = ir.assign(out, value)
+    callee = Callee("node", None, None, "manager.forward")
+    callee.sources = [x.id] if isinstance(x, gast.Name) else []
+    stmt.value.pg_callee = callee
+    stmt.pg_node_output = True
+    return stmt
+
+
+def _splice_forward(nz: Normalizer, tmpl: Template, mapping: dict, hint: str, out: str,
+                    x: gast.AST) -> None:
+    """Emit a forward template's statements with its names bound to this call site."""
+    params = list(inspect.signature(tmpl.fn).parameters)
+    local_names = {n.id for s in tmpl.body for n in ir.walk(s)
+                   if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Store)}
+    for name in sorted(local_names):
+        if name not in mapping:
+            mapping[name] = ir.name(nz.ctx.fresh(f"{hint}_{name}"))
+    for stmt in tmpl.body:
+        new = _Bind(nz, tmpl, {p: mapping[p] for p in params if p in mapping},
+                    {n: mapping[n] for n in local_names}).visit(ir.clone(stmt))
+        if isinstance(new, gast.Return):
+            nz.emit(_output_assign(out, new.value, x))
+        elif isinstance(new, gast.Assign) and isinstance(new.targets[0], gast.Name):
+            new.pg_nograd = True
+            nz.emit(new)
+        else:
+            raise TypeError(f"propagator template {tmpl.name}: forward templates hold "
+                            "assignments to names and one return")
+
+
+class _Bind(gast.NodeTransformer):
+    """Replace a template's parameters, locals and globals by the call site's names."""
+
+    def __init__(self, nz: Normalizer, tmpl: Template, params: dict, local: dict) -> None:
+        self.nz, self.tmpl, self.params, self.local = nz, tmpl, params, local
+
+    def visit_Name(self, node: gast.Name) -> gast.AST:
+        if node.id in self.local:
+            return ir.name(self.local[node.id].id, isinstance(node.ctx, gast.Store))
+        if node.id in self.params:
+            return ir.clone(self.params[node.id])
+        value = self.tmpl.globals.get(node.id, __builtins__.get(node.id) if isinstance(
+            __builtins__, dict) else getattr(__builtins__, node.id, None))
+        ns = self.nz.ctx.bind("value", self.tmpl, node.id, value, node.id)
+        return ir.name(ns)

@@ -1,0 +1,240 @@
+"""Stage 5c, node backward: splice a propagator's backward templates where the backward pass
+reaches its node.
+
+In a backward template ``d[p]`` reads or sends a gradient, ``m['name']`` reads or sets a
+message (a variable of the generated backward; an unset message flows on unchanged), and
+``c = contribution(g, x, target)`` becomes the adjoint of the code between ``target`` and the
+node seeded with ``g`` -- the per-sample contributions total propagation weighs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import gast
+
+from propgen import ir
+from propgen.analyse import analyse
+from propgen.nodes import NodeSite
+from propgen.template import Template
+
+if TYPE_CHECKING:
+    from propgen.transform import Reverse
+
+__all__ = ["rev_node"]
+
+_DEF, _MAYBE = "def", "maybe"
+
+
+def rev_node(rev: Reverse, s: gast.With, state: dict) -> list:
+    site: NodeSite = s.pg_node
+    sp = _Splicer(rev, s, site, state)
+    code: list = []
+    for tmpl in site.backward:
+        code += sp.block(tmpl, tmpl.body)
+    code = _prune(code, sp)
+    loc = getattr(s, "pg_loc", None)
+    text = loc.text.strip() if loc is not None else ""
+    rev.last_comment = None
+    from propgen.transform import Comment
+
+    return [Comment(f"Grad of: {site.site}  {text}   [{site.label}]")] + code
+
+
+class _Splicer:
+    def __init__(self, rev: Reverse, s: gast.With, site: NodeSite, state: dict) -> None:
+        self.rev, self.s, self.site, self.state = rev, s, site, state
+        self.locals: dict[str, str] = {}
+        self.accs: set[int] = set()  # ids of statements that send gradients (kept if active)
+
+    # ------------------------------------------------------------------ names
+    def local(self, tmpl: Template, name: str) -> str:
+        key = (tmpl.name, name)  # each template's locals are its own
+        if key not in self.locals:
+            self.locals[key] = self.rev.ctx.fresh(f"{self.site.hint}_{name}")
+        return self.locals[key]
+
+    def channel(self, key: gast.AST, tmpl: Template) -> str:
+        if isinstance(key, gast.Name) and key.id in self.site.mapping:
+            key = self.site.mapping[key.id]
+        if not (isinstance(key, gast.Constant) and isinstance(key.value, str)):
+            raise TypeError(f"template {tmpl.name}: m[...] takes a message name (a string)")
+        ch = self.rev.channels
+        if key.value not in ch:
+            ch[key.value] = self.rev.ctx.fresh(key.value)
+        return ch[key.value]
+
+    # ------------------------------------------------------------- statements
+    def block(self, tmpl: Template, body: list) -> list:
+        out: list = []
+        for stmt in body:
+            out += self.stmt(tmpl, stmt)
+        return out
+
+    def stmt(self, tmpl: Template, stmt: gast.AST) -> list:
+        if isinstance(stmt, gast.If):
+            return [gast.If(test=self.expr(tmpl, stmt.test), body=self.block(tmpl, stmt.body),
+                            orelse=self.block(tmpl, stmt.orelse))]
+        if not (isinstance(stmt, gast.Assign) and len(stmt.targets) == 1):
+            raise TypeError(f"propagator template {tmpl.name}: backward templates hold "
+                            "assignments and if statements")
+        tgt, value = stmt.targets[0], stmt.value
+        if _is_sub(tgt, "d"):
+            return self.send(tmpl, tgt.slice, value)
+        if _is_sub(tgt, "m"):
+            return [ir.assign(self.channel(tgt.slice, tmpl), self.expr(tmpl, value))]
+        if isinstance(tgt, gast.Name) and _is_intrinsic(value, tmpl, "contribution"):
+            return self.contribution(tmpl, self.local(tmpl, tgt.id), value)
+        if isinstance(tgt, gast.Name):
+            return [ir.assign(self.local(tmpl, tgt.id), self.expr(tmpl, value))]
+        raise TypeError(f"propagator template {tmpl.name}: assign names, d[...] or m[...]")
+
+    def send(self, tmpl: Template, key: gast.AST, value: gast.AST) -> list:
+        if not (isinstance(key, gast.Name) and key.id in self.site.mapping):
+            raise TypeError(f"template {tmpl.name}: d[...] must name a parameter")
+        target = self.site.mapping[key.id]
+        if not self.site.send_gradient or not self.rev.act.is_active(target):
+            return []
+        code = self.rev.accumulate(target.id, self.expr(tmpl, value), self.state)
+        for c in code:
+            self.accs.add(id(c))
+        return code
+
+    # ------------------------------------------------------------ expressions
+    def expr(self, tmpl: Template, node: gast.AST) -> gast.AST:
+        return _Subst(self, tmpl).visit(ir.clone(node))
+
+    def grad_of(self, atom: gast.AST) -> gast.AST:
+        """The gradient arriving at ``atom`` now: zeros when nothing reaches it."""
+        rev = self.rev
+        if not isinstance(atom, gast.Name) or atom.id not in rev.act.active:
+            func = gast.Attribute(value=rev.torch_ref(), attr="zeros_like", ctx=gast.Load())
+            return gast.Call(func=func, args=[ir.clone(atom)], keywords=[])
+        st = rev.read(atom.id, self.state)
+        d = rev.dname(atom.id)
+        if st == _DEF:
+            return ir.name(d)
+        return gast.Call(func=rev.rt("grad_or_zeros"), args=[ir.name(d), ir.clone(atom)],
+                         keywords=[])
+
+    # ---------------------------------------------------------- contribution
+    def contribution(self, tmpl: Template, result: str, call: gast.Call) -> list:
+        """The adjoint, seeded with ``g`` at the node input, of the straight-line code between
+        the target and the node (the paths from the target to this node that pass through no
+        other node), read at the target: per-sample when the target has the batch first."""
+        from propgen.transform import Comment, Pop, PopAppend, PopSlot, Reverse
+
+        rev, site = self.rev, self.site
+        g = self.expr(tmpl, call.args[0])
+        x = site.mapping.get("x")
+        target = self.expr(tmpl, call.args[2])
+        loc = getattr(self.s, "pg_loc", None)
+        if not isinstance(target, gast.Name):
+            rev.fail(self.s, "a TotalProp node without an ivw_target",
+                     "pass ivw_target=t, a tensor of the computation with the batch first "
+                     "(e.g. t = beta.expand(B, 1) used in place of beta)")
+        segment = self.segment(target.id)
+        act = analyse([], segment, [target.id], x)
+        if not isinstance(x, gast.Name) or x.id not in act.varied:
+            rev.fail(self.s, f"an ivw_target ({_user(target.id)}) that does not reach this node",
+                     "the target must be used in the code between the previous node (or the "
+                     "start of the loop body or function) and this one")
+        sub = Reverse(rev.ctx, rev.name, [], segment, [target.id], act, [])
+        sub.dprefix = "c_"
+        seed = rev.ctx.fresh(f"{site.hint}_seed")
+        sub.dnames[x.id] = seed
+        sub_state = {seed: _DEF}
+        body = sub.rev_block(segment, sub_state)
+        if sub.tracked or sub.redo_used:
+            rev.fail(self.s, "TotalProp weights through an opaque call or a buffer store",
+                     "compute the node's input with ops that have adjoint templates")
+        rev.maybe_vars |= sub.maybe_vars
+        body = [b for b in body if not isinstance(b, (Pop, PopSlot, PopAppend, Comment))]
+        d_t = sub.dnames.get(target.id)
+        value = ir.name(d_t) if d_t and sub_state.get(d_t) else None
+        if value is None:
+            raise AssertionError(f"{loc}: contribution lost")  # excluded by the check above
+        return [ir.assign(seed, g)] + body + [ir.assign(result, value)]
+
+    def segment(self, target: str) -> list:
+        block, index = self.rev.node_block(self.site.first_stmt)
+        start = 0
+        for i, st in enumerate(block[:index]):
+            if getattr(st, "pg_node", None) is not None or (
+                isinstance(st, gast.Assign) and isinstance(st.targets[0], gast.Name)
+                and st.targets[0].id == target
+            ):
+                start = i + 1
+        out = []
+        for st in block[start:index]:
+            if isinstance(st, gast.Assign) and isinstance(st.targets[0], gast.Name):
+                out.append(st)
+            elif isinstance(st, (gast.If, gast.For, gast.While)):
+                self.rev.fail(self.s, "a TotalProp node whose input is computed with a loop or "
+                              "a branch since the previous node",
+                              "compute the node's input with straight-line code, or use a "
+                              "node (e.g. propgen.Propagator()) before the loop or branch")
+        return out
+
+
+class _Subst(gast.NodeTransformer):
+    def __init__(self, sp: _Splicer, tmpl: Template) -> None:
+        self.sp, self.tmpl = sp, tmpl
+
+    def visit_Subscript(self, node: gast.Subscript) -> gast.AST:
+        if _is_sub(node, "d"):
+            key = node.slice
+            if not (isinstance(key, gast.Name) and key.id in self.sp.site.mapping):
+                raise TypeError(f"template {self.tmpl.name}: d[...] must name a parameter")
+            return self.sp.grad_of(self.sp.site.mapping[key.id])
+        if _is_sub(node, "m"):
+            return ir.name(self.sp.channel(node.slice, self.tmpl))
+        self.generic_visit(node)
+        return node
+
+    def visit_Name(self, node: gast.Name) -> gast.AST:
+        sp = self.sp
+        if node.id in sp.site.mapping:
+            return ir.clone(sp.site.mapping[node.id])
+        if (self.tmpl.name, node.id) in sp.locals or _stored_in(self.tmpl, node.id):
+            return ir.name(sp.local(self.tmpl, node.id))
+        g = self.tmpl.globals
+        value = g[node.id] if node.id in g else __builtins__[node.id] if isinstance(
+            __builtins__, dict) else getattr(__builtins__, node.id)
+        return ir.name(sp.rev.ctx.bind("value", self.tmpl, node.id, value, node.id))
+
+
+def _stored_in(tmpl: Template, name: str) -> bool:
+    return any(isinstance(n, gast.Name) and n.id == name and isinstance(n.ctx, gast.Store)
+               for s in tmpl.body for n in ir.walk(s))
+
+
+def _is_sub(node: Any, base: str) -> bool:
+    return (isinstance(node, gast.Subscript) and isinstance(node.value, gast.Name)
+            and node.value.id == base)
+
+
+def _is_intrinsic(node: Any, tmpl: Template, name: str) -> bool:
+    from propgen import template
+
+    return (isinstance(node, gast.Call) and isinstance(node.func, gast.Name)
+            and tmpl.globals.get(node.func.id) is getattr(template, name))
+
+
+def _user(name: str) -> str:
+    return name
+
+
+def _prune(code: list, sp: _Splicer) -> list:
+    """Keep what sends gradients or messages, and what those read."""
+    channels = set(sp.rev.channels.values())
+    needed: set = set()
+    kept: list = []
+    for stmt in reversed(code):
+        stores = {n.id for n in ir.walk(stmt) if isinstance(n, gast.Name)
+                  and isinstance(n.ctx, gast.Store)}
+        if id(stmt) in sp.accs or stores & channels or stores & needed:
+            kept.insert(0, stmt)
+            needed |= {n.id for n in ir.walk(stmt) if isinstance(n, gast.Name)
+                       and isinstance(n.ctx, gast.Load)}
+    return kept

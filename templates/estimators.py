@@ -1,0 +1,122 @@
+"""Monte Carlo estimator arithmetic called by the propagator templates' generated code.
+
+Each function is a few lines of tensor math with the batch as dimension 0.  They are plain
+functions of their arguments: a reader stepping through generated code can step into them
+and see the formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributions import Normal
+
+__all__ = [
+    "make_distribution",
+    "location_score",
+    "batch_weights",
+    "leave_one_out",
+    "batch_mean",
+    "pooled_batch_variance",
+    "inverse_variance_weight",
+    "per_sample_loss",
+]
+
+
+def make_distribution(dist_class: Any, dist_params: Any, x: torch.Tensor) -> Any:
+    """The node's noise distribution: ``dist_params`` is a dict of keyword arguments, a tuple of
+    positional ones, or a callable of the node input returning either."""
+    if dist_class is None:
+        raise TypeError("a noise node needs dist_class (e.g. torch.distributions.Normal) and "
+                        "dist_params, given to the propagator or to manager.forward")
+    if callable(dist_params) and not isinstance(dist_params, (dict, tuple, list)):
+        dist_params = dist_params(x)
+    if isinstance(dist_params, dict):
+        params = {k: _as_tensor(v, x) for k, v in dist_params.items()}
+        dist = dist_class(**params)
+    else:
+        dist = dist_class(*[_as_tensor(v, x) for v in dist_params])
+    return dist
+
+
+def _as_tensor(v: Any, x: torch.Tensor) -> Any:
+    # numbers become tensors on the node's device and dtype, so the noise lands there too
+    if isinstance(v, (int, float)):
+        return torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    return v
+
+
+def sample_like(dist: Any, x: torch.Tensor, reparameterized: bool) -> torch.Tensor:
+    """One draw of noise of ``x``'s shape (the distribution's batch shape broadcast to x)."""
+    shape = torch.broadcast_shapes(x.shape, dist.batch_shape)
+    extra = shape[: len(shape) - len(dist.batch_shape)] if dist.batch_shape else shape
+    draw = dist.rsample(extra) if reparameterized else dist.sample(extra)
+    return draw.expand(shape)
+
+
+def location_score(dist: Any, noise: torch.Tensor) -> torch.Tensor:
+    """d/dx log p(x + noise) for noise of density p shifted by x: minus the density's score at
+    the noise.  Closed form for a Normal; autograd on ``log_prob`` for other distributions."""
+    if isinstance(dist, Normal):
+        return noise / (dist.scale * dist.scale)
+    with torch.enable_grad():
+        z = noise.detach().requires_grad_()
+        (score,) = torch.autograd.grad(dist.log_prob(z).sum(), z)
+    return -score
+
+
+def per_sample_loss(loss: Any, like: torch.Tensor, site: str) -> torch.Tensor:
+    """The per-sample cost arriving at a node, checked against the node's batch size."""
+    if loss is None:
+        raise RuntimeError(
+            f"{site}: this node needs the per-sample loss, and none reached it: call "
+            "manager.backward(loss) with the loss the nodes feed into")
+    if loss.dim() == 0 or loss.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"{site}: the loss has shape {tuple(loss.shape)} but this node has batch size "
+            f"{like.shape[0]}: pass a per-sample loss of shape ({like.shape[0]},)")
+    return loss
+
+
+def batch_weights(loss: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``loss / B`` shaped to broadcast against ``like`` (batch first): the likelihood-ratio
+    gradient of the batch mean weights each sample's score by its loss over B."""
+    return (loss / loss.shape[0]).reshape((loss.shape[0],) + (1,) * (like.dim() - 1))
+
+
+def leave_one_out(loss: torch.Tensor) -> torch.Tensor:
+    """Each sample's baseline: the mean loss of the *other* samples (unbiased for LR)."""
+    n = loss.shape[0]
+    if n < 2:
+        raise ValueError("a leave-one-out baseline needs a batch of at least 2 samples")
+    return (loss.sum(0, keepdim=True) - loss) / (n - 1)
+
+
+def batch_mean(loss: torch.Tensor) -> torch.Tensor:
+    """The batch mean as baseline (slightly biased: each sample is in its own baseline)."""
+    return loss.mean(0, keepdim=True).expand_as(loss)
+
+
+def pooled_batch_variance(c: torch.Tensor, batch: int) -> torch.Tensor:
+    """Sum over a target's elements of the sample variance over the batch (dim 0) of per-sample
+    contributions ``c``."""
+    if c.dim() == 0 or c.shape[0] != batch:
+        raise ValueError(
+            f"TotalProp needs per-sample contributions to its ivw_target, got shape "
+            f"{tuple(c.shape)} for batch {batch}: pass a target with the batch as its first "
+            "dimension, e.g. ivw_target=beta.expand(B, 1) used in the computation")
+    centred = c - c.mean(0, keepdim=True)
+    return (centred * centred).sum() / max(batch - 1, 1)
+
+
+def inverse_variance_weight(c_rp: torch.Tensor, c_lr: torch.Tensor) -> torch.Tensor:
+    """Total propagation's weight of the LR message, k = V_RP / (V_LR + V_RP), in [0, 1], with
+    0/0 giving 1/2; V_* pooled over the target from the per-sample contributions."""
+    batch = c_rp.shape[0] if c_rp.dim() else 0
+    v_rp = pooled_batch_variance(c_rp, batch)
+    v_lr = pooled_batch_variance(c_lr, batch)
+    total = v_rp + v_lr
+    half = torch.full_like(total, 0.5)
+    k = torch.where(total > 0, v_rp / torch.where(total > 0, total, torch.ones_like(total)), half)
+    return k.clamp(0.0, 1.0)

@@ -1,0 +1,142 @@
+"""Propagator templates: what a node computes going forward and sends going backward.
+
+A propagator is a sequence of *parts*; each part is a pair of templates spliced into the
+generated code at every ``manager.forward(x, ...)`` call site that uses it:
+
+* ``<part>_forward(x, <keywords>)`` runs in the forward pass.  Its parameters are the node
+  input ``x`` and the keywords the part accepts (given at the call site or to the
+  propagator); its locals are kept for the backward; what it returns is the node's output.
+  Only the base part of a propagator returns the output; the others have no forward.
+* ``<part>_backward(output, x, <forward locals>, <keywords>)`` runs in the backward pass,
+  in reverse part order.  ``d[output]`` is the gradient arriving at the node's output;
+  assigning ``d[x]`` sends a gradient to its input (gradients do not pass through a node
+  unless its template says so).  ``m['name']`` is the message of that name arriving from
+  later nodes (None when none did); assigning it sets what flows on to earlier nodes.
+  Messages not assigned flow on unchanged.
+
+The math lives in these templates and in the small functions of
+:mod:`propgen.templates.estimators`; ``site`` is the call site's ``file:line`` text.
+"""
+
+from __future__ import annotations
+
+from propgen.templates.estimators import (
+    batch_mean,
+    batch_weights,
+    inverse_variance_weight,
+    leave_one_out,
+    location_score,
+    make_distribution,
+    per_sample_loss,
+    sample_like,
+)
+
+from propgen.template import contribution, d, m
+
+# --------------------------------------------------------------------- identity, backprop
+
+
+def identity_forward(x):
+    return x
+
+
+def identity_backward(output, x):
+    d[x] = d[output]
+
+
+# ------------------------------------------------------------ reparameterization (RP)
+
+
+def rp_forward(x, dist_class, dist_params):
+    dist = make_distribution(dist_class, dist_params, x)
+    noise = sample_like(dist, x, True)
+    return x + noise
+
+
+def rp_backward(output, x):
+    # the node is x + noise with the noise held fixed: the gradient passes unchanged
+    d[x] = d[output]
+
+
+# ------------------------------------------------------------------ likelihood ratio (LR)
+
+
+def lr_forward(x, dist_class, dist_params):
+    dist = make_distribution(dist_class, dist_params, x)
+    noise = sample_like(dist, x, False)
+    score = location_score(dist, noise)
+    return x + noise
+
+
+def lr_backward(output, x, score, site):
+    # score-function gradient of the batch mean: score * (cost - baseline) / B
+    cost = per_sample_loss(m["baselined_loss"], score, site)
+    d[x] = score * batch_weights(cost, score)
+
+
+# ----------------------------------------------------------------- total propagation (TP)
+
+
+def tp_forward(x, dist_class, dist_params, ivw_target):
+    dist = make_distribution(dist_class, dist_params, x)
+    noise = sample_like(dist, x, False)
+    score = location_score(dist, noise)
+    return x + noise
+
+
+def tp_backward(output, x, score, ivw_target, site):
+    cost = per_sample_loss(m["baselined_loss"], score, site)
+    g_rp = d[output]
+    g_lr = score * batch_weights(cost, score)
+    c_rp = contribution(g_rp, x, ivw_target)
+    c_lr = contribution(g_lr, x, ivw_target)
+    k_lr = inverse_variance_weight(c_rp, c_lr)
+    d[x] = k_lr * g_lr + (1 - k_lr) * g_rp
+
+
+def tp_reuse_backward(output, x, score, ivw_target, site, k_interval):
+    # k_interval > 1: the mixing weight is recomputed at every k_interval-th node visited in
+    # the backward pass and reused, sent as a message, for the nodes in between
+    cost = per_sample_loss(m["baselined_loss"], score, site)
+    g_rp = d[output]
+    g_lr = score * batch_weights(cost, score)
+    k_lr = m["k_lr"]
+    k_count = m["k_count"]
+    if k_lr is None or k_count % k_interval == 0:
+        c_rp = contribution(g_rp, x, ivw_target)
+        c_lr = contribution(g_lr, x, ivw_target)
+        k_lr = inverse_variance_weight(c_rp, c_lr)
+        k_count = 0
+    m["k_lr"] = k_lr
+    m["k_count"] = k_count + 1
+    d[x] = k_lr * g_lr + (1 - k_lr) * g_rp
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def loo_baseline_backward(output, x, site):
+    cost = per_sample_loss(m["local_loss"], x, site)
+    m["baselined_loss"] = cost - leave_one_out(cost)
+
+
+def mean_baseline_backward(output, x, site):
+    cost = per_sample_loss(m["local_loss"], x, site)
+    m["baselined_loss"] = cost - batch_mean(cost)
+
+
+def user_baseline_backward(output, x, site, baseline_func):
+    cost = per_sample_loss(m["local_loss"], x, site)
+    m["baselined_loss"] = cost - baseline_func(cost)
+
+
+def no_baseline_backward(output, x):
+    m["baselined_loss"] = m["local_loss"]
+
+
+# ------------------------------------------------------------------- message utilities
+
+
+def sum_backward(output, x, sum_name, local_name):
+    # adds a local message into a running sum that flows backward (e.g. returns from rewards)
+    m[sum_name] = m[local_name] + (0.0 if m[sum_name] is None else m[sum_name])
