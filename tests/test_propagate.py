@@ -1,0 +1,299 @@
+"""@propgen.propagate and PropagationManager: program structure, configuration, errors.
+
+Estimator statistics (unbiasedness, variances, TP weights) are in test_estimators.py; here
+every check is exact, against torch.autograd or a hand computation with the same noise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+import propgen as pg
+from propgen.errors import ConfigurationError
+
+F64 = torch.float64
+
+
+def layer(manager, h, w):
+    h = torch.tanh(h @ w)
+    return manager.forward(h)
+
+
+@pg.propagate
+def net(manager, x, w1, w2, flag):
+    h = layer(manager, x, w1)  # a node inside a called user function
+    if flag:
+        h = manager.forward(h * 2.0)  # a node in a branch
+    for _ in range(3):
+        h = manager.forward(torch.sin(h))  # nodes in a loop
+    out = h @ w2
+    return (out ** 2).sum(1)
+
+
+def net_ref(x, w1, w2, flag):
+    h = torch.tanh(x @ w1)
+    if flag:
+        h = h * 2.0
+    for _ in range(3):
+        h = torch.sin(h)
+    return ((h @ w2) ** 2).sum(1)
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, dtype=F64, generator=g)
+    w1 = torch.randn(3, 4, dtype=F64, generator=g).requires_grad_()
+    w2 = torch.randn(4, 2, dtype=F64, generator=g).requires_grad_()
+    return x, w1, w2
+
+
+@pytest.mark.parametrize("prop", [pg.Propagator(), pg.BackPropagator()])
+@pytest.mark.parametrize("flag", [True, False])
+def test_identity_nodes_equal_autograd(prop, flag):
+    x, w1, w2 = _params()
+    manager = pg.PropagationManager(default_propagator=prop)
+    loss = net(manager, x, w1, w2, flag)
+    manager.backward(loss)
+    ref = torch.autograd.grad(net_ref(x, w1, w2, flag).mean(), [w1, w2])
+    torch.testing.assert_close(w1.grad, ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w2.grad, ref[1], rtol=1e-12, atol=1e-12)
+    # the manager is reusable and gradients accumulate as with loss.backward()
+    loss = net(manager, x, w1, w2, flag)
+    manager.backward(loss)
+    torch.testing.assert_close(w1.grad, 2 * ref[0], rtol=1e-12, atol=1e-12)
+
+
+def test_loss_computed_outside_and_scalar_loss():
+    x, w1, w2 = _params(1)
+    manager = pg.PropagationManager()
+    out = net(manager, x, w1, w2, True)
+    manager.backward(out.sum() * 3.0)  # a scalar: differentiated as itself
+    ref = torch.autograd.grad(net_ref(x, w1, w2, True).sum() * 3.0, [w1, w2])
+    torch.testing.assert_close(w1.grad, ref[0])
+    torch.testing.assert_close(w2.grad, ref[1])
+
+
+def test_per_sample_loss_of_shape_b_by_1_is_averaged():
+    x, w1, w2 = _params(2)
+    manager = pg.PropagationManager()
+    out = net(manager, x, w1, w2, False)
+    manager.backward(out[:, None])
+    ref = torch.autograd.grad(net_ref(x, w1, w2, False).mean(), [w1])
+    torch.testing.assert_close(w1.grad, ref[0])
+
+
+@pg.propagate
+def step(manager, h, w):
+    return manager.forward(torch.tanh(h @ w))
+
+
+def test_calls_chain_through_their_results_and_into_autograd():
+    x, w1, _ = _params(3)
+    w = torch.randn(4, 4, dtype=F64, requires_grad=True)
+    manager = pg.PropagationManager()
+    h = x @ w1  # made by autograd: the gradient goes back into that graph
+    for _ in range(3):
+        h = step(manager, h, w)
+    manager.backward((h ** 2).sum(1))
+    hh = x @ w1
+    for _ in range(3):
+        hh = torch.tanh(hh @ w)
+    ref = torch.autograd.grad((hh ** 2).sum(1).mean(), [w, w1])
+    torch.testing.assert_close(w.grad, ref[0])
+    torch.testing.assert_close(w1.grad, ref[1])
+
+
+@pg.propagate
+def noisy(manager, x, w):
+    h = torch.tanh(x @ w)
+    h = manager.forward(h)
+    return (h * h).sum(1)
+
+
+def test_rp_equals_autograd_through_the_same_noise():
+    x, w1, _ = _params(4)
+    scale = 0.3
+    manager = pg.PropagationManager(pg.RPProp(dist_class=Normal,
+                                              dist_params={"loc": 0.0, "scale": scale}))
+    torch.manual_seed(123)
+    manager.backward(noisy(manager, x, w1))
+    torch.manual_seed(123)
+    h = torch.tanh(x @ w1)
+    h = h + Normal(torch.tensor(0.0, dtype=F64), torch.tensor(scale, dtype=F64)).rsample(h.shape)
+    ref = torch.autograd.grad((h * h).sum(1).mean(), w1)[0]
+    torch.testing.assert_close(w1.grad, ref)
+
+
+def test_lr_equals_its_formula_with_the_same_noise():
+    x, w1, _ = _params(5)
+    scale = 0.3
+    manager = pg.PropagationManager(pg.LRProp(dist_class=Normal,
+                                              dist_params=(0.0, scale)))
+    torch.manual_seed(7)
+    manager.backward(noisy(manager, x, w1))
+    torch.manual_seed(7)
+    mean = torch.tanh(x @ w1).detach().requires_grad_()
+    noise = Normal(torch.tensor(0.0, dtype=F64), torch.tensor(scale, dtype=F64)).sample(mean.shape)
+    cost = ((mean + noise) ** 2).sum(1).detach()
+    b = cost.shape[0]
+    baselined = cost - (cost.sum() - cost) / (b - 1)
+    logp = Normal(mean, scale).log_prob(mean.detach() + noise).sum(1)
+    ref = torch.autograd.grad((logp * baselined).mean(), mean)[0]
+    w_ref = torch.autograd.grad(torch.tanh(x @ w1), w1, ref)[0]
+    torch.testing.assert_close(w1.grad, w_ref)
+
+
+def test_changing_values_does_not_recompile_and_changes_the_result():
+    x, w1, _ = _params(6)
+    params = {"loc": 0.0, "scale": 0.1}
+    prop = pg.RPProp(dist_class=Normal, dist_params=params)
+    manager = pg.PropagationManager(prop)
+    manager.backward(noisy(manager, x, w1))
+    first = noisy.last
+    prop.defaults["dist_params"] = {"loc": 0.0, "scale": 1e-9}
+    w1.grad = None
+    manager.backward(noisy(manager, x, w1))
+    assert noisy.last is first
+    ref = torch.autograd.grad((torch.tanh(x @ w1) ** 2).sum(1).mean(), w1)[0]
+    torch.testing.assert_close(w1.grad, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_local_propagator_by_name_and_by_object():
+    x, w1, _ = _params(7)
+
+    @pg.propagate
+    def two(manager, x, w):
+        h = manager.forward(torch.tanh(x @ w), local_propagator="exact")
+        h = manager.forward(h, local_propagator=IDENTITY)
+        return (h * h).sum(1)
+
+    # an LR default asks for a loss node without gradient; these nodes need one
+    manager = pg.PropagationManager(pg.LRProp(dist_class=Normal, dist_params=(0.0, 1.0)),
+                                    loss_propagator=pg.LossProp(lossgrad=True))
+    manager.add_propagator("exact", pg.Propagator())
+    manager.backward(two(manager, x, w1))
+    ref = torch.autograd.grad((torch.tanh(x @ w1) ** 2).sum(1).mean(), w1)[0]
+    torch.testing.assert_close(w1.grad, ref)
+    assert "[Propagator()]" in pg.source(two, manager)
+
+
+IDENTITY = pg.Propagator()
+
+
+def test_source_shows_the_estimator_arithmetic():
+    x, w1, _ = _params(8)
+    manager = pg.PropagationManager(pg.TotalProp(dist_class=Normal, dist_params=(0.0, 0.1)))
+    b = torch.ones(8, 1, dtype=F64, requires_grad=True)
+
+    @pg.propagate
+    def f(manager, x, w, b):
+        h = manager.forward(torch.tanh(b * (x @ w)), ivw_target=b)
+        return (h * h).sum(1)
+
+    manager.backward(f(manager, x, w1, b))
+    text = pg.source(f, manager)
+    for piece in ("leave_one_out", "inverse_variance_weight", "location_score",
+                  "batch_weights", "# Grad of: test_propagate.py"):
+        assert piece in text
+    assert "autograd" not in text
+
+
+def test_backprop_false_depends_on_the_terminal_step():
+    x, w1, _ = _params(9)
+    for terminal, expect in ((pg.BackPropagator(), True), (None, False)):
+        manager = pg.PropagationManager(pg.RPProp(backprop=False, dist_class=Normal,
+                                                  dist_params=(0.0, 1e-12)),
+                                        terminal_propagator=terminal)
+        w1.grad = None
+        manager.backward(noisy(manager, x, w1))
+        assert (w1.grad is not None) == expect
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_unknown_keyword_names_it_and_the_line():
+    @pg.propagate
+    def bad(manager, x):
+        return manager.forward(x, dist_clas=Normal)
+
+    with pytest.raises(ConfigurationError, match=r"test_propagate.py:\d+.*dist_clas"):
+        bad(pg.PropagationManager(), torch.zeros(2, 2))
+
+
+def test_keywords_of_other_propagators_are_accepted():
+    x, w1, _ = _params(10)
+
+    @pg.propagate
+    def f(manager, x, w):
+        return (manager.forward(torch.tanh(x @ w), ivw_target=w) ** 2).sum(1)
+
+    manager = pg.PropagationManager(pg.Propagator())
+    manager.backward(f(manager, x, w1))
+    assert w1.grad is not None
+
+
+def test_unregistered_local_propagator():
+    @pg.propagate
+    def bad(manager, x):
+        return manager.forward(x, local_propagator="nope")
+
+    with pytest.raises(ConfigurationError, match="(?s)nope.*add_propagator"):
+        bad(pg.PropagationManager(), torch.zeros(2, 2))
+
+
+def test_forward_outside_a_propagated_function():
+    with pytest.raises(RuntimeError, match=r"test_propagate.py:\d+.*@propgen.propagate"):
+        pg.PropagationManager().forward(torch.zeros(2))
+
+
+def test_backward_twice_or_without_forward_and_manager_usable_after():
+    x, w1, _ = _params(11)
+    manager = pg.PropagationManager()
+    with pytest.raises(RuntimeError, match="nothing recorded"):
+        manager.backward(torch.zeros(3))
+    loss = noisy(manager, x, w1)
+    manager.backward(loss)
+    with pytest.raises(RuntimeError, match="nothing recorded"):
+        manager.backward(loss)
+    manager.backward(noisy(manager, x, w1))
+
+
+def test_loss_batch_size_must_match_the_nodes():
+    x, w1, _ = _params(12)
+    manager = pg.PropagationManager(pg.LRProp(dist_class=Normal, dist_params=(0.0, 1.0)))
+    noisy(manager, x, w1)
+    with pytest.raises(ValueError, match=r"test_propagate.py:\d+.*batch size 8"):
+        manager.backward(torch.zeros(5, requires_grad=True))
+    manager.backward(noisy(manager, x, w1))  # still usable
+    assert w1.grad is not None
+
+
+def test_lr_needs_a_per_sample_loss():
+    x, w1, _ = _params(13)
+    manager = pg.PropagationManager(pg.LRProp(dist_class=Normal, dist_params=(0.0, 1.0)))
+    out = noisy(manager, x, w1)
+    with pytest.raises(RuntimeError, match="per-sample loss"):
+        manager.backward(out.mean())
+
+
+def test_propagator_construction_is_checked():
+    with pytest.raises(TypeError, match="dist_clas"):
+        pg.RPProp(dist_clas=Normal)
+    with pytest.raises(ValueError, match="baseline"):
+        pg.LRProp(baseline="median")
+    with pytest.raises(ValueError, match="k_interval"):
+        pg.TotalProp(k_interval=0)
+    with pytest.raises(TypeError, match="default_propagator"):
+        pg.PropagationManager(default_propagator="RP")
+
+
+def test_function_without_manager():
+    @pg.propagate
+    def f(x):
+        return x * 2
+
+    with pytest.raises(TypeError, match="PropagationManager"):
+        f(torch.zeros(2))
