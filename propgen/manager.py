@@ -215,6 +215,7 @@ class _View:
     manager: PropagationManager
     ctx: Any = None  # the compilation's Context, set by compile_reverse
     sites: list = field(default_factory=list)
+    outputs: set = field(default_factory=set)  # node output names (their copies need no line)
     templates: dict = field(default_factory=dict)
     configs: dict = field(default_factory=dict)  # namespace name -> (path, key)
 

@@ -136,6 +136,7 @@ def expand_node(nz: Normalizer, e: gast.Call, hint: str, manager: Any) -> gast.A
     site = NodeSite(prop.label, loc.short, [_template(p.backward, cache) for p in
                                             reversed(parts) if p.backward is not None],
                     mapping, out, x, send, id(first), hint)
+    ctx.propagation.outputs.add(out)
     marker = gast.With(items=[], body=[gast.Pass()], type_comment=None)
     marker.pg_node = site
     nz.emit(marker)

@@ -217,6 +217,10 @@ class Normalizer:
             stmt.pg_nograd = True
         if getattr(src, "pg_bookkeeping", False):
             stmt.pg_bookkeeping = True
+        if (self.ctx.propagation is not None and isinstance(stmt, gast.Assign)
+                and isinstance(stmt.value, gast.Name)
+                and stmt.value.id in self.ctx.propagation.outputs):
+            stmt.pg_bookkeeping = True  # x = <node output>: the node's comment covers it
         self.out.append(stmt)
         return stmt
 

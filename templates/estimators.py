@@ -13,7 +13,9 @@ import torch
 from torch.distributions import Normal
 
 __all__ = [
+    "Gaussian",
     "make_distribution",
+    "sample_like",
     "location_score",
     "batch_weights",
     "leave_one_out",
@@ -24,6 +26,16 @@ __all__ = [
 ]
 
 
+class Gaussian:
+    """A Normal(loc, scale) without torch.distributions' checks: what a node's Normal noise
+    needs (drawing, and the score), cheap enough to build at every node."""
+
+    __slots__ = ("loc", "scale")
+
+    def __init__(self, loc: Any, scale: Any) -> None:
+        self.loc, self.scale = loc, scale
+
+
 def make_distribution(dist_class: Any, dist_params: Any, x: torch.Tensor) -> Any:
     """The node's noise distribution: ``dist_params`` is a dict of keyword arguments, a tuple of
     positional ones, or a callable of the node input returning either."""
@@ -32,6 +44,10 @@ def make_distribution(dist_class: Any, dist_params: Any, x: torch.Tensor) -> Any
                         "dist_params, given to the propagator or to manager.forward")
     if callable(dist_params) and not isinstance(dist_params, (dict, tuple, list)):
         dist_params = dist_params(x)
+    if dist_class is Normal:
+        if isinstance(dist_params, dict):
+            return Gaussian(dist_params["loc"], dist_params["scale"])
+        return Gaussian(*dist_params)
     if isinstance(dist_params, dict):
         params = {k: _as_tensor(v, x) for k, v in dist_params.items()}
         dist = dist_class(**params)
@@ -49,6 +65,14 @@ def _as_tensor(v: Any, x: torch.Tensor) -> Any:
 
 def sample_like(dist: Any, x: torch.Tensor, reparameterized: bool) -> torch.Tensor:
     """One draw of noise of ``x``'s shape (the distribution's batch shape broadcast to x)."""
+    if isinstance(dist, Gaussian):  # as Normal.rsample draws it: loc + eps * scale
+        loc, scale = dist.loc, dist.scale
+        shape = x.shape
+        for p in (loc, scale):
+            if isinstance(p, torch.Tensor) and p.shape != shape:
+                shape = torch.broadcast_shapes(shape, p.shape)
+        eps = torch.empty(shape, dtype=x.dtype, device=x.device).normal_()
+        return loc + eps * scale
     shape = torch.broadcast_shapes(x.shape, dist.batch_shape)
     extra = shape[: len(shape) - len(dist.batch_shape)] if dist.batch_shape else shape
     draw = dist.rsample(extra) if reparameterized else dist.sample(extra)
@@ -58,8 +82,8 @@ def sample_like(dist: Any, x: torch.Tensor, reparameterized: bool) -> torch.Tens
 def location_score(dist: Any, noise: torch.Tensor) -> torch.Tensor:
     """d/dx log p(x + noise) for noise of density p shifted by x: minus the density's score at
     the noise.  Closed form for a Normal; autograd on ``log_prob`` for other distributions."""
-    if isinstance(dist, Normal):
-        return noise / (dist.scale * dist.scale)
+    if isinstance(dist, (Normal, Gaussian)):
+        return (noise - dist.loc) / (dist.scale * dist.scale)
     with torch.enable_grad():
         z = noise.detach().requires_grad_()
         (score,) = torch.autograd.grad(dist.log_prob(z).sum(), z)

@@ -135,7 +135,8 @@ def test_lr_equals_its_formula_with_the_same_noise():
     manager.backward(noisy(manager, x, w1))
     torch.manual_seed(7)
     mean = torch.tanh(x @ w1).detach().requires_grad_()
-    noise = Normal(torch.tensor(0.0, dtype=F64), torch.tensor(scale, dtype=F64)).sample(mean.shape)
+    noise = Normal(torch.tensor(0.0, dtype=F64), torch.tensor(scale, dtype=F64)).rsample(
+        mean.shape)
     cost = ((mean + noise) ** 2).sum(1).detach()
     b = cost.shape[0]
     baselined = cost - (cost.sum() - cost) / (b - 1)
