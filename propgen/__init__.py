@@ -12,11 +12,12 @@ from propgen.propagators import (
     BackPropagator,
     LossProp,
     LRProp,
+    Part,
     Propagator,
     RPProp,
     TotalProp,
 )
-from propgen.template import Registry, d, nondifferentiable
+from propgen.template import Registry, contribution, d, m, nondifferentiable
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,9 @@ __all__ = [
     "LRProp",
     "TotalProp",
     "LossProp",
+    "Part",
+    "m",
+    "contribution",
     "grad",
     "source",
     "adjoint",

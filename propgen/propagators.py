@@ -25,10 +25,11 @@ __all__ = ["Part", "Propagator", "BackPropagator", "RPProp", "LRProp", "TotalPro
 
 @dataclass(frozen=True)
 class Part:
-    """One template pair: ``forward`` returns the node output (base parts only)."""
+    """One template pair.  ``forward`` returns the node output (a propagator none of whose parts
+    has a forward passes its input through); ``backward`` runs in the backward pass."""
 
-    forward: Callable | None
-    backward: Callable | None
+    forward: Callable | None = None
+    backward: Callable | None = None
 
 
 _NOISE_KEYS = ("dist_class", "dist_params")

@@ -79,9 +79,9 @@ class _Splicer:
             raise TypeError(f"propagator template {tmpl.name}: backward templates hold "
                             "assignments and if statements")
         tgt, value = stmt.targets[0], stmt.value
-        if _is_sub(tgt, "d"):
+        if _is_sub(tgt, "d", tmpl):
             return self.send(tmpl, tgt.slice, value)
-        if _is_sub(tgt, "m"):
+        if _is_sub(tgt, "m", tmpl):
             return [ir.assign(self.channel(tgt.slice, tmpl), self.expr(tmpl, value))]
         if isinstance(tgt, gast.Name) and _is_intrinsic(value, tmpl, "contribution"):
             return self.contribution(tmpl, self.local(tmpl, tgt.id), value)
@@ -182,12 +182,12 @@ class _Subst(gast.NodeTransformer):
         self.sp, self.tmpl = sp, tmpl
 
     def visit_Subscript(self, node: gast.Subscript) -> gast.AST:
-        if _is_sub(node, "d"):
+        if _is_sub(node, "d", self.tmpl):
             key = node.slice
             if not (isinstance(key, gast.Name) and key.id in self.sp.site.mapping):
                 raise TypeError(f"template {self.tmpl.name}: d[...] must name a parameter")
             return self.sp.grad_of(self.sp.site.mapping[key.id])
-        if _is_sub(node, "m"):
+        if _is_sub(node, "m", self.tmpl):
             return ir.name(self.sp.channel(node.slice, self.tmpl))
         self.generic_visit(node)
         return node
@@ -209,9 +209,20 @@ def _stored_in(tmpl: Template, name: str) -> bool:
                for s in tmpl.body for n in ir.walk(s))
 
 
-def _is_sub(node: Any, base: str) -> bool:
-    return (isinstance(node, gast.Subscript) and isinstance(node.value, gast.Name)
-            and node.value.id == base)
+def _is_sub(node: Any, base: str, tmpl: Template) -> bool:
+    """``d[...]`` / ``m[...]``, also spelled ``propgen.d[...]`` (the template language's own
+    objects, whatever the template module calls them)."""
+    if not isinstance(node, gast.Subscript):
+        return False
+    from propgen import template
+
+    v = node.value
+    if isinstance(v, gast.Name):
+        return tmpl.globals.get(v.id) is getattr(template, base)
+    if isinstance(v, gast.Attribute) and isinstance(v.value, gast.Name):
+        mod = tmpl.globals.get(v.value.id)
+        return getattr(mod, v.attr, None) is getattr(template, base)
+    return False
 
 
 def _is_intrinsic(node: Any, tmpl: Template, name: str) -> bool:

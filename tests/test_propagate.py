@@ -298,3 +298,56 @@ def test_function_without_manager():
 
     with pytest.raises(TypeError, match="PropagationManager"):
         f(torch.zeros(2))
+
+
+# ------------------------------------------------------------ user-written propagators
+
+
+def clip_backward(output, x, max_norm):
+    g = pg.d[output]
+    norm = g.flatten(1).norm(dim=1).clamp(min=1e-12)
+    pg.d[x] = g * (max_norm / norm).clamp(max=1.0).reshape(-1, *([1] * (g.dim() - 1)))
+
+
+class ClipProp(pg.Propagator):
+    keywords = ("max_norm",)
+
+    def parts(self):
+        return [pg.Part(backward=clip_backward)]
+
+
+def activity_backward(output, x):
+    pg.d[x] = pg.d[output]
+    pg.m["activity"] = x.abs().sum(1) + (0.0 if pg.m["activity"] is None else pg.m["activity"])
+
+
+class ActivityProp(pg.Propagator):
+    def parts(self):
+        return [pg.Part(backward=activity_backward)]
+
+
+@pg.propagate
+def clipped(manager, x, w):
+    h = manager.forward(torch.tanh(x @ w), local_propagator="clip")
+    for _ in range(2):
+        h = manager.forward(torch.sin(h) @ w)
+    return (h * h).sum(1)
+
+
+def test_user_propagators_clip_and_running_sum():
+    x, _, _ = _params(14)
+    w = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    x = x[:, :3]
+    manager = pg.PropagationManager(ActivityProp())
+    manager.add_propagator("clip", ClipProp(max_norm=0.05))
+    messages = manager.backward(clipped(manager, x, w))
+    # reference: autograd with a hook clipping the first node's gradient per sample
+    h0 = torch.tanh(x @ w)
+    h0.register_hook(lambda g: g * (0.05 / g.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)[:, None])
+    h, acts = h0, torch.zeros(x.shape[0], dtype=F64)
+    for _ in range(2):
+        h = torch.sin(h) @ w
+        acts = acts + h.detach().abs().sum(1)
+    ref = torch.autograd.grad((h * h).sum(1).mean(), w)[0]
+    torch.testing.assert_close(w.grad, ref)
+    torch.testing.assert_close(messages["activity"], acts)
