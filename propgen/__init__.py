@@ -10,13 +10,23 @@ from propgen.errors import PropgenError, UnresolvedNameError, UnsupportedSyntaxE
 from propgen.manager import PropagationManager, propagate
 from propgen.propagators import (
     BackPropagator,
+    BaselineProp,
+    ChainProp,
+    ComboProp,
+    GSLoss,
+    GSProp,
     LossProp,
     LRProp,
     Part,
+    PauseProp,
     Propagator,
+    ResampleProp,
     RPProp,
+    SkipProp,
+    SumProp,
     TotalProp,
 )
+from propgen.runtime import AbsoluteTarget
 from propgen.template import Registry, contribution, d, m, nondifferentiable
 
 __version__ = "0.1.0"
@@ -30,6 +40,16 @@ __all__ = [
     "LRProp",
     "TotalProp",
     "LossProp",
+    "BaselineProp",
+    "SkipProp",
+    "PauseProp",
+    "SumProp",
+    "ComboProp",
+    "ChainProp",
+    "ResampleProp",
+    "GSLoss",
+    "GSProp",
+    "AbsoluteTarget",
     "Part",
     "m",
     "contribution",

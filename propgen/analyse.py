@@ -59,6 +59,8 @@ def flows(stmt: gast.AST) -> tuple[str | None, list[str], bool]:
         if isinstance(tgt, gast.Subscript):  # buf[i] = v: buf now holds v
             return tgt.value.id, _atoms([value, tgt.value]), False
         target = tgt.id
+        if getattr(stmt, "pg_node_output", False):  # a node: its output depends on its input
+            return target, list(value.pg_callee.sources), False
         if isinstance(value, gast.Name):
             return target, [value.id], False
         if isinstance(value, (gast.List, gast.Tuple)):
@@ -171,6 +173,11 @@ def analyse(params: list[str], body: list, seeds: list[str], ret: gast.AST) -> A
     useful: set = set()
     if isinstance(ret, gast.Name) and ret.id in varied:
         useful.add(ret.id)
+    for stmt, _ in walk_statements(body):
+        # a propagation node may create gradient for its input (a loss node, an LR node):
+        # its output counts as used even when nothing downstream reads it
+        if getattr(stmt, "pg_node_output", False) and stmt.targets[0].id in varied:
+            useful.add(stmt.targets[0].id)
     changed = True
     while changed:
         changed = False

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["NodeSite", "expand_node", "manager_of"]
 
 _UNSUPPORTED_KEYWORDS = {
-    "force_targets": "message targets are not supported yet; leave the default target",
     "get_node": "propgen nodes are code, not objects; read values in the function instead",
 }
 
@@ -43,6 +42,9 @@ class NodeSite:
     send_gradient: bool = True
     first_stmt: int = 0  # id() of the node's first forward statement (segment boundary)
     hint: str = "node"
+    target: gast.AST | None = None  # where its messages go (None: the previous node)
+    default_target: int = -1  # the propagator's own target, for force_targets=None
+    index: str | None = None  # the run-time node counter, when some node has a target
 
 
 def manager_of(nz: Normalizer, func: gast.AST) -> Any:
@@ -83,11 +85,14 @@ def expand_node(nz: Normalizer, e: gast.Call, hint: str, manager: Any) -> gast.A
                 "write manager.forward(x, keyword=value, ...)")
     prop = manager.default_propagator
     keywords: dict[str, gast.AST] = {}
+    force = None
     for k in e.keywords:
         if k.arg in _UNSUPPORTED_KEYWORDS:
             nz.fail(k.value, f"manager.forward(..., {k.arg}=...)", _UNSUPPORTED_KEYWORDS[k.arg])
         if k.arg == "local_propagator":
             prop = _local_propagator(nz, k.value, manager)
+        elif k.arg == "force_targets":
+            force = k.value
         else:
             keywords[k.arg] = k.value
     if prop is None:
@@ -104,21 +109,37 @@ def expand_node(nz: Normalizer, e: gast.Call, hint: str, manager: Any) -> gast.A
                f"propgen's propagators know {sorted(known)}")
     x = nz.atom(e.args[0], hint)
     loc = nz.loc(e)
+    target = nz.atom(force, f"{hint}_targets") if force is not None else None
+    atoms = {k: nz.atom(v, f"{hint}_{k}") for k, v in keywords.items()}
+    from propgen.propagators import ChainProp
+
+    members = prop.members if isinstance(prop, ChainProp) else (prop,)
+    for i, member in enumerate(members):  # a chain is several nodes at one call site
+        last = i == len(members) - 1
+        x = _expand(nz, manager, member, x, atoms, hint, loc,
+                    target if last else None)
+    return x
+
+
+def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, hint: str,
+            loc: Any, target: gast.AST | None) -> gast.AST:
+    """Splice one propagator's forward templates; emit the marker for its backward ones."""
+    ctx = nz.ctx
+    own = getattr(prop, "target", None)
+    if target is None and own is not None:
+        target = ir.const(own)
     mapping: dict[str, gast.AST] = {"x": x, "site": ir.const(f"{loc.short}")}
-    for k in keywords:
-        if k not in prop.keywords:  # evaluated as the program says, unused by this propagator
-            nz.atom(keywords[k], f"{hint}_{k}")
     for k in prop.keywords:
-        if k in keywords:
-            mapping[k] = nz.atom(keywords[k], f"{hint}_{k}")
+        if k in atoms:
+            mapping[k] = ir.clone(atoms[k])
         elif k in prop.defaults:
-            ns = ctx.propagation.config_binding(prop, k)
-            mapping[k] = ir.name(ns)
+            mapping[k] = ir.name(ctx.propagation.config_binding(prop, k))
         else:
             mapping[k] = ir.const(None)
-    for opt in ("k_interval",):
-        if hasattr(prop, opt):
-            mapping[opt] = ir.const(getattr(prop, opt))
+    for opt in prop.options:  # structural options the templates read (k_interval, ...)
+        v = getattr(prop, opt)
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            mapping[opt] = ir.const(v)
     if getattr(prop, "baseline_func", None) is not None:
         mapping["baseline_func"] = ir.name(ctx.propagation.config_binding(prop, "baseline"))
     cache = ctx.propagation.templates
@@ -135,7 +156,8 @@ def expand_node(nz: Normalizer, e: gast.Call, hint: str, manager: Any) -> gast.A
     send = getattr(prop, "backprop", True) or manager.terminal_propagator is not None
     site = NodeSite(prop.label, loc.short, [_template(p.backward, cache) for p in
                                             reversed(parts) if p.backward is not None],
-                    mapping, out, x, send, id(first), hint)
+                    mapping, out, x, send, id(first), hint, target,
+                    own if own is not None else -1)
     ctx.propagation.outputs.add(out)
     marker = gast.With(items=[], body=[gast.Pass()], type_comment=None)
     marker.pg_node = site

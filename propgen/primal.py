@@ -231,10 +231,19 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
     ret_atom = ret.value
     state: dict = {}
     seed = None
-    if isinstance(ret_atom, gast.Name) and ret_atom.id in rev.act.active:
-        seed = rev.dname(ret_atom.id)
-        state[seed] = "def"
+    active_result = isinstance(ret_atom, gast.Name) and ret_atom.id in rev.act.active
+    if active_result or rev.ctx.propagation is not None:
+        # (propagation: node templates send messages even where no gradient flows)
+        if active_result:
+            seed = rev.dname(ret_atom.id)
+            state[seed] = "def"
+        else:
+            seed = rev.ctx.fresh("d_result")
         code = rev.rev_block(body, state)
+        if rev.ctx.propagation is not None:
+            from propgen.splice import expand_routing
+
+            code = expand_routing(code, rev)
     else:
         seed = rev.ctx.fresh("d_result")
         code = []
@@ -311,6 +320,8 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
                                                 ctx=gast.Load()),
                             args=[ir.const(key)], keywords=[])
             inits.append(ir.assign(var, get))
+        if getattr(rev, "mail", None):
+            inits.append(ir.assign(rev.mail, gast.Dict(keys=[], values=[])))
         out = gast.Dict(keys=[ir.const(k) for k in sorted(rev.channels)],
                         values=[ir.name(v) for _, v in sorted(rev.channels.items())])
         results = results + [out]

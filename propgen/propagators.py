@@ -20,7 +20,11 @@ from typing import Any
 
 from propgen.templates import propagators as tp
 
-__all__ = ["Part", "Propagator", "BackPropagator", "RPProp", "LRProp", "TotalProp", "LossProp"]
+__all__ = [
+    "Part", "Propagator", "BackPropagator", "RPProp", "LRProp", "TotalProp", "LossProp",
+    "BaselineProp", "SkipProp", "PauseProp", "SumProp", "ComboProp", "ChainProp",
+    "ResampleProp", "GSLoss", "GSProp",
+]
 
 
 @dataclass(frozen=True)
@@ -172,13 +176,182 @@ class TotalProp(LRProp):
         return LossProp(lossgrad=True)
 
 
-class LossProp:
-    """The loss node appended by ``manager.backward(loss)``: sends the per-sample loss as the
-    ``local_loss`` message and, with ``lossgrad`` (the default), the gradient of its batch mean.
-    """
+class LossProp(Propagator):
+    """A loss node: the per-sample cost at the call site (shape (B,) or (B, 1)) joins the
+    ``local_loss`` message flowing backward (the cost-to-go the LR and TP nodes read) and, with
+    ``lossgrad`` (the default), its batch mean is differentiated.  ``manager.backward(loss)``
+    appends one for the final loss."""
+
+    options = ("lossgrad",)
 
     def __init__(self, lossgrad: bool = True) -> None:
+        super().__init__()
         self.lossgrad = bool(lossgrad)
 
-    def __repr__(self) -> str:
-        return f"LossProp(lossgrad={self.lossgrad})"
+    def parts(self) -> list[Part]:
+        back = tp.loss_backward if self.lossgrad else tp.loss_nograd_backward
+        return [Part(None, back)]
+
+
+class BaselineProp(Propagator):
+    """Subtracts a baseline from the ``local_loss`` message, sending ``baselined_loss`` on."""
+
+    options = ("baseline",)
+
+    def __init__(self, baseline: Any = "loo") -> None:
+        super().__init__()
+        _baseline_part(baseline)
+        self.baseline = baseline
+
+    def parts(self) -> list[Part]:
+        return [_baseline_part(self.baseline)]
+
+    @property
+    def baseline_func(self) -> Callable | None:
+        return self.baseline if callable(self.baseline) else None
+
+
+class SkipProp(Propagator):
+    """Passes gradients through and sends the messages ``skip`` nodes back (``skip=1`` is the
+    previous node, as in Proppo), so the nodes in between receive none."""
+
+    options = ("skip",)
+
+    def __init__(self, skip: int = 1) -> None:
+        super().__init__()
+        if not isinstance(skip, int) or skip < 1:
+            raise ValueError(f"SkipProp(skip={skip!r}): skip must be a positive int")
+        self.skip = skip
+        self.target = -skip
+
+
+class PauseProp(Propagator):
+    """Collects every gradient reaching its output before sending their sum on.  A compiled
+    backward always sums a value's gradients before differentiating through it, so this is
+    the identity node; it exists so Proppo programs run unchanged."""
+
+
+class SumProp(Propagator):
+    """Adds the message ``local_name`` into the running sum ``sum_name`` flowing backward
+    (e.g. rewards into returns)."""
+
+    options = ("sum_name", "local_name")
+
+    def __init__(self, sum_name: str, local_name: str) -> None:
+        super().__init__()
+        if not (isinstance(sum_name, str) and isinstance(local_name, str)):
+            raise TypeError("SumProp(sum_name, local_name) takes two message names (strings)")
+        self.sum_name, self.local_name = sum_name, local_name
+
+    def parts(self) -> list[Part]:
+        return [Part(tp.identity_forward, tp.identity_backward), Part(None, tp.sum_backward)]
+
+
+class ComboProp(Propagator):
+    """One node built from several propagators' parts, run forward in order and backward in
+    reverse (Proppo's sequence propagators).  At most one member may compute the output."""
+
+    def __init__(self, *propagators: Propagator) -> None:
+        if len(propagators) == 1 and isinstance(propagators[0], (list, tuple)):
+            propagators = tuple(propagators[0])
+        for p in propagators:
+            if not isinstance(p, Propagator):
+                raise TypeError(f"ComboProp members must be propagators, not {p!r}")
+        self.members = tuple(propagators)
+        outputs = [p for p in propagators if any(pt.forward for pt in p.parts())]
+        if len(outputs) > 1:
+            raise ValueError("ComboProp: more than one member computes the node output "
+                             f"({outputs}); use ChainProp to apply them one after another")
+        self.keywords = tuple(dict.fromkeys(k for p in propagators for k in p.keywords))
+        defaults: dict = {}
+        for p in propagators:
+            defaults.update(p.defaults)
+        super().__init__(**defaults)
+        self.target = next((p.target for p in propagators if getattr(p, "target", None)), None)
+
+    def parts(self) -> list[Part]:
+        parts = [pt for p in self.members for pt in p.parts()]
+        # identity parts only pass the gradient; with a computing member they would add a
+        # second path
+        if any(pt.forward not in (None, tp.identity_forward) for pt in parts):
+            parts = [pt for pt in parts if pt.forward is not tp.identity_forward]
+        return parts
+
+    def structure(self) -> tuple:
+        return (type(self), tuple(p.structure() for p in self.members))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "members":
+            raise AttributeError(name)
+        for p in self.members:  # options (k_interval, baseline, ...) of the members
+            if name in getattr(p, "options", ()):
+                return getattr(p, name)
+        raise AttributeError(name)
+
+    @property
+    def options(self) -> tuple:  # type: ignore[override]
+        return tuple(dict.fromkeys(o for p in self.members for o in p.options))
+
+    @property
+    def label(self) -> str:
+        return f"ComboProp({', '.join(p.label for p in self.members)})"
+
+    def loss_propagator(self) -> LossProp:
+        return self.members[-1].loss_propagator() if self.members else LossProp()
+
+
+class ChainProp(Propagator):
+    """Several nodes at one call site, applied one after another: the output of each is the
+    input of the next, and the backward visits them in reverse."""
+
+    def __init__(self, *propagators: Propagator) -> None:
+        if len(propagators) == 1 and isinstance(propagators[0], (list, tuple)):
+            propagators = tuple(propagators[0])
+        if not propagators:
+            raise ValueError("ChainProp needs at least one propagator")
+        for p in propagators:
+            if not isinstance(p, Propagator):
+                raise TypeError(f"ChainProp members must be propagators, not {p!r}")
+        self.members = tuple(propagators)
+        self.keywords = tuple(dict.fromkeys(k for p in propagators for k in p.keywords))
+        super().__init__()
+
+    def structure(self) -> tuple:
+        return (type(self), tuple(p.structure() for p in self.members))
+
+    @property
+    def label(self) -> str:
+        return f"ChainProp({', '.join(p.label for p in self.members)})"
+
+    def loss_propagator(self) -> LossProp:
+        return self.members[-1].loss_propagator()
+
+
+class ResampleProp(Propagator):
+    """Replaces the batch by a fresh one drawn from a Gaussian fitted to it (mean and full
+    covariance); gradients flow back through the fitted mean and covariance."""
+
+    def parts(self) -> list[Part]:
+        return [Part(tp.resample_forward, tp.resample_backward)]
+
+
+class GSLoss(Propagator):
+    """Gaussian shaping at a distal node: resamples the batch from a fitted Gaussian, and
+    replaces the cost-to-go sent to earlier nodes by the surrogate whose likelihood-ratio
+    gradient is the gradient of the expected cost through the fitted mean and covariance,
+    built from the gradients at the resampled points.  No pathwise gradient: use it with LR
+    nodes upstream (GSProp adds the pathwise one for RP and TP)."""
+
+    def parts(self) -> list[Part]:
+        return [Part(tp.resample_forward, tp.gs_loss_backward)]
+
+    def loss_propagator(self) -> LossProp:
+        return LossProp(lossgrad=True)
+
+
+class GSProp(Propagator):
+    """Gaussian shaping with both messages: the surrogate cost-to-go of :class:`GSLoss` for LR
+    and TP nodes upstream, and the pathwise gradient of :class:`ResampleProp` for RP and TP."""
+
+    def parts(self) -> list[Part]:
+        return [Part(tp.resample_forward, tp.resample_backward), Part(None, tp.gs_loss_backward)]

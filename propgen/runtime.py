@@ -30,6 +30,9 @@ __all__ = [
     "undo_append",
     "undo_extend",
     "redo_all",
+    "receive",
+    "route",
+    "AbsoluteTarget",
 ]
 
 
@@ -362,3 +365,47 @@ def redo_all(redo: list) -> None:
         else:
             restore_slot(container, index, value, [])
     redo.clear()
+
+
+class AbsoluteTarget:
+    """A message target given as a node's position among the nodes recorded (0 = first),
+    rather than relative to the sending node (-1 = the previous node, the default)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = int(index)
+
+    def __repr__(self) -> str:
+        return f"AbsoluteTarget({self.index})"
+
+
+def receive(mail: dict, count: int, name: str, current: Any) -> Any:
+    """The message ``name`` at the node numbered ``count``: what flows in from the next node
+    plus what other nodes addressed to this one."""
+    box = mail.get(count)
+    if not box or name not in box:
+        return current
+    value = box.pop(name)
+    return value if current is None else current + value
+
+
+def route(mail: dict, count: int, target: Any, site: str, messages: dict,
+          default: Any = -1) -> None:
+    """Send a node's messages to its target(s): ints are relative (-1 = previous node),
+    :class:`AbsoluteTarget` positions absolute; each must be a node recorded before.  A
+    ``None`` target (``force_targets=None``) means the propagator's own, ``default``."""
+    own = count - 1  # this node's position
+    if target is None:
+        target = default
+    for t in target if isinstance(target, (list, tuple)) else [target]:
+        dest = t.index if isinstance(t, AbsoluteTarget) else own + int(t)
+        if not 0 <= dest < own:
+            raise IndexError(
+                f"{site}: the message target {t!r} points to node {dest}, but the nodes "
+                f"recorded before this one are 0..{own - 1}; use a negative relative target "
+                "(-1 = previous node) or propgen.AbsoluteTarget(k) for an earlier node")
+        box = mail.setdefault(dest + 1, {})
+        for name, value in messages.items():
+            if value is not None:
+                box[name] = value if box.get(name) is None else box[name] + value

@@ -21,7 +21,28 @@ from propgen.template import Template
 if TYPE_CHECKING:
     from propgen.transform import Reverse
 
-__all__ = ["rev_node"]
+__all__ = ["rev_node", "Deliver", "Route", "expand_routing", "number_nodes"]
+
+
+class Deliver(gast.stmt):
+    """Marker: merge the messages other nodes addressed to this node into the in-flight ones
+    (expanded once every message name of the function is known)."""
+
+    _fields = ()
+
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self.index = index
+
+
+class Route(gast.stmt):
+    """Marker: send the in-flight messages to the node's target instead of the previous node."""
+
+    _fields = ()
+
+    def __init__(self, index: str, target: gast.AST, site: str, default: Any) -> None:
+        super().__init__()
+        self.index, self.target, self.site, self.default = index, target, site, default
 
 _DEF, _MAYBE = "def", "maybe"
 
@@ -33,6 +54,10 @@ def rev_node(rev: Reverse, s: gast.With, state: dict) -> list:
     for tmpl in site.backward:
         code += sp.block(tmpl, tmpl.body)
     code = _prune(code, sp)
+    if site.index is not None:
+        code = [Deliver(site.index)] + code
+        if site.target is not None:
+            code.append(Route(site.index, site.target, site.site, site.default_target))
     loc = getattr(s, "pg_loc", None)
     text = loc.text.strip() if loc is not None else ""
     rev.last_comment = None
@@ -107,10 +132,11 @@ class _Splicer:
     def grad_of(self, atom: gast.AST) -> gast.AST:
         """The gradient arriving at ``atom`` now: zeros when nothing reaches it."""
         rev = self.rev
-        if not isinstance(atom, gast.Name) or atom.id not in rev.act.active:
+        st = (rev.read(atom.id, self.state)
+              if isinstance(atom, gast.Name) and atom.id in rev.act.active else None)
+        if st is None:
             func = gast.Attribute(value=rev.torch_ref(), attr="zeros_like", ctx=gast.Load())
             return gast.Call(func=func, args=[ir.clone(atom)], keywords=[])
-        st = rev.read(atom.id, self.state)
         d = rev.dname(atom.id)
         if st == _DEF:
             return ir.name(d)
@@ -249,3 +275,82 @@ def _prune(code: list, sp: _Splicer) -> list:
             needed |= {n.id for n in ir.walk(stmt) if isinstance(n, gast.Name)
                        and isinstance(n.ctx, gast.Load)}
     return kept
+
+
+def number_nodes(ctx: Any, body: list, sites: list) -> None:
+    """Give every node a run-time index (``_node``, counting executed nodes), needed when some
+    node sends its messages to a target other than the previous node."""
+    index = ctx.internal("node")
+    markers = {id(site): site for site in sites}
+
+    def walk(block: list) -> None:
+        i = 0
+        while i < len(block):
+            st = block[i]
+            site = getattr(st, "pg_node", None)
+            if site is not None and id(site) in markers:
+                inc = ir.assign(index, gast.BinOp(left=ir.name(index), op=gast.Add(),
+                                                  right=ir.const(1)))
+                _mark(inc, st)
+                block.insert(i, inc)
+                site.index = index
+                i += 1
+            for attr in ("body", "orelse"):
+                inner = getattr(st, attr, None)
+                if isinstance(inner, list) and site is None:
+                    walk(inner)
+            i += 1
+
+    walk(body)
+    init = ir.assign(index, ir.const(0))
+    _mark(init, body[0])
+    body.insert(0, init)
+
+
+def _mark(stmt: gast.AST, like: gast.AST) -> None:
+    stmt.pg_nograd = True
+    stmt.pg_bookkeeping = True
+    if getattr(like, "pg_loc", None) is not None:
+        stmt.pg_loc = like.pg_loc
+        stmt.lineno = like.pg_loc.lineno
+
+
+def expand_routing(code: list, rev: Reverse) -> list:
+    """Replace Deliver/Route markers by code over every message name of the function."""
+    mail = None
+    names = sorted(rev.channels.items())
+
+    def expand(block: list) -> list:
+        nonlocal mail
+        out: list = []
+        for st in block:
+            if isinstance(st, (Deliver, Route)):
+                if mail is None:
+                    mail = rev.ctx.internal("mail")
+                if isinstance(st, Deliver):
+                    for key, var in names:
+                        call = gast.Call(func=rev.rt("receive"), args=[
+                            ir.name(mail), ir.name(st.index), ir.const(key), ir.name(var)],
+                            keywords=[])
+                        out.append(ir.assign(var, call))
+                else:
+                    msgs = gast.Dict(keys=[ir.const(k) for k, _ in names],
+                                     values=[ir.name(v) for _, v in names])
+                    call = gast.Call(func=rev.rt("route"), args=[
+                        ir.name(mail), ir.name(st.index), ir.clone(st.target),
+                        ir.const(st.site), msgs], keywords=[])
+                    if st.default != -1 and not isinstance(st.target, gast.Constant):
+                        call.args.append(ir.const(st.default))
+                    out.append(gast.Expr(value=call))
+                    out += [ir.assign(v, ir.const(None)) for _, v in names]
+                continue
+            for attr in ("body", "orelse"):
+                inner = getattr(st, attr, None)
+                if isinstance(inner, list):
+                    setattr(st, attr, expand(inner))
+            out.append(st)
+        return out
+
+    code = expand(code)
+    rev.mail = mail
+    return code

@@ -23,6 +23,13 @@ __all__ = [
     "pooled_batch_variance",
     "inverse_variance_weight",
     "per_sample_loss",
+    "mean_gradient",
+    "batch_size",
+    "flat_matmul",
+    "per_row_dot",
+    "standard_normal_like",
+    "batch_cholesky",
+    "gaussian_curvature",
 ]
 
 
@@ -144,3 +151,46 @@ def inverse_variance_weight(c_rp: torch.Tensor, c_lr: torch.Tensor) -> torch.Ten
     half = torch.full_like(total, 0.5)
     k = torch.where(total > 0, v_rp / torch.where(total > 0, total, torch.ones_like(total)), half)
     return k.clamp(0.0, 1.0)
+
+
+def mean_gradient(loss: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``loss.mean()`` (of the loss itself when it is a scalar)."""
+    return torch.full_like(loss, 1.0 / max(loss.numel(), 1))
+
+
+def batch_size(x: torch.Tensor) -> int:
+    return x.shape[0]
+
+
+def flat_matmul(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x @ a`` over the flattened sample dims of a batch ``x``, keeping x's shape."""
+    return (x.reshape(x.shape[0], -1) @ a).reshape(x.shape)
+
+
+def per_row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner products of two batches (b may be a single row)."""
+    return (a * b).reshape(a.shape[0], -1).sum(1)
+
+
+def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x).normal_()
+
+
+def batch_cholesky(x: torch.Tensor, mean: torch.Tensor, jitter: float = 1e-10) -> torch.Tensor:
+    """Cholesky factor L of the batch covariance of ``x`` (samples on dim 0, the rest
+    flattened), with a little jitter so a degenerate batch still factors."""
+    c = (x - mean).reshape(x.shape[0], -1)
+    cov = c.T @ c / max(x.shape[0] - 1, 1)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    scale = cov.diagonal().mean().clamp(min=1e-30)
+    return torch.linalg.cholesky(cov + jitter * scale * eye)
+
+
+def gaussian_curvature(g: torch.Tensor, eps: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """d E[c] / d Sigma = E[hessian of c] / 2 (Price), with the Hessian's expectation from
+    gradients at the resampled points: E[grad c eps^T] L^-1 (Stein).  ``g`` holds the
+    gradients of the batch mean, so the sum over the batch is the expectation."""
+    gf = g.reshape(g.shape[0], -1)
+    a = gf.T @ eps.reshape(eps.shape[0], -1)  # E[grad c eps^T]
+    h = torch.linalg.solve_triangular(chol.T, a.T, upper=True).T  # a @ L^-1
+    return 0.25 * (h + h.T)

@@ -21,14 +21,21 @@ The math lives in these templates and in the small functions of
 from __future__ import annotations
 
 from propgen.templates.estimators import (
+    batch_cholesky,
     batch_mean,
+    batch_size,
     batch_weights,
+    flat_matmul,
+    gaussian_curvature,
     inverse_variance_weight,
     leave_one_out,
     location_score,
     make_distribution,
+    mean_gradient,
+    per_row_dot,
     per_sample_loss,
     sample_like,
+    standard_normal_like,
 )
 
 from propgen.template import contribution, d, m
@@ -140,3 +147,50 @@ def no_baseline_backward(output, x):
 def sum_backward(output, x, sum_name, local_name):
     # adds a local message into a running sum that flows backward (e.g. returns from rewards)
     m[sum_name] = m[local_name] + (0.0 if m[sum_name] is None else m[sum_name])
+
+
+# --------------------------------------------------------------------------- loss nodes
+
+
+def loss_backward(output, x, site):
+    # a per-sample cost inside the program: joins the cost-to-go flowing backward, and its
+    # batch mean is differentiated
+    cost = per_sample_loss(output, output, site)
+    m["local_loss"] = cost + (0.0 if m["local_loss"] is None else m["local_loss"])
+    d[x] = d[output] + mean_gradient(output)
+
+
+def loss_nograd_backward(output, x, site):
+    cost = per_sample_loss(output, output, site)
+    m["local_loss"] = cost + (0.0 if m["local_loss"] is None else m["local_loss"])
+    d[x] = d[output]
+
+
+# ----------------------------------------------------------- Gaussian shaping (GS)
+
+
+def resample_forward(x):
+    # fit a Gaussian to the batch and draw a new batch from it: mean + eps @ chol^T
+    mean = x.mean(0, keepdim=True)
+    chol = batch_cholesky(x, mean)
+    eps = standard_normal_like(x)
+    return mean + flat_matmul(eps, chol.transpose(-1, -2))
+
+
+def resample_backward(output, x, mean, chol, eps):
+    # pathwise gradient through the fitted mean and covariance (Price's and Stein's identities)
+    g = d[output]
+    g_mean = g.sum(0, keepdim=True)
+    g_cov = gaussian_curvature(g, eps, chol)
+    d[x] = g_mean / batch_size(x) + 2.0 * flat_matmul(x - mean, g_cov) / (batch_size(x) - 1)
+
+
+def gs_loss_backward(output, x, mean, chol, eps):
+    # Gaussian shaping: replace the cost-to-go by the LR-type surrogate whose score-function
+    # gradient is d E[c] through the fitted mean and covariance
+    g = d[output]
+    g_mean = g.sum(0, keepdim=True)
+    g_cov = gaussian_curvature(g, eps, chol)
+    centred = x - mean
+    m["local_loss"] = per_row_dot(centred, g_mean) + per_row_dot(flat_matmul(centred, g_cov),
+                                                                centred)

@@ -351,3 +351,146 @@ def test_user_propagators_clip_and_running_sum():
     ref = torch.autograd.grad((h * h).sum(1).mean(), w)[0]
     torch.testing.assert_close(w.grad, ref)
     torch.testing.assert_close(messages["activity"], acts)
+
+
+# ------------------------------------------------------------ messages and composition
+
+
+@pg.propagate
+def rewards(manager, x, w):
+    h = x
+    for _ in range(3):
+        h = torch.tanh(h @ w)
+        r = manager.forward((h ** 2).sum(1), local_propagator="loss")  # a cost at each step
+    return (h * 0.0).sum(1)
+
+
+def test_loss_nodes_inside_the_program_sum_the_cost_to_go():
+    x, _, _ = _params(15)
+    w = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    manager = pg.PropagationManager(pg.Propagator())
+    manager.add_propagator("loss", pg.LossProp())
+    out = manager.backward(rewards(manager, x, w))
+    h, total = x, 0.0
+    for _ in range(3):
+        h = torch.tanh(h @ w)
+        total = total + (h ** 2).sum(1)
+    torch.testing.assert_close(w.grad, torch.autograd.grad(total.mean(), w)[0])
+    torch.testing.assert_close(out["local_loss"], total.detach())
+
+
+SEEN: list = []
+
+
+def _record(probe, x):
+    SEEN.append(None if probe is None else round(float(probe[0]), 6))
+    return torch.full((x.shape[0],), float(len(SEEN)), dtype=x.dtype)
+
+
+def spy_backward(output, x):
+    pg.d[x] = pg.d[output]
+    pg.m["probe"] = _record(pg.m["probe"], x)
+
+
+class Spy(pg.Propagator):
+    """Records the 'probe' message each node receives, and sends its visit number."""
+
+    def parts(self):
+        return [pg.Part(backward=spy_backward)]
+
+
+@pg.propagate
+def five_nodes(manager, x, target):
+    for _ in range(4):
+        x = manager.forward(x * 1.0)
+    x = manager.forward(x, local_propagator="last", force_targets=target)
+    return x.sum(1)
+
+
+@pytest.mark.parametrize("target, expect", [
+    (-1, [None, 1.0, 2.0, 3.0, 4.0]),            # the default: the previous node
+    (-3, [None, None, 2.0, 4.0, 4.0]),           # to node 1: nodes 3 and 2 see only theirs
+    ([-1, -4], [None, 1.0, 2.0, 3.0, 5.0]),      # to nodes 3 and 0 (summed there)
+    (pg.AbsoluteTarget(0), [None, None, 2.0, 3.0, 5.0]),
+])
+def test_message_targets_reach_the_intended_nodes(target, expect):
+    manager = pg.PropagationManager(Spy())
+    manager.add_propagator("last", Spy())
+    SEEN.clear()
+    manager.backward(five_nodes(manager, torch.ones(2, 2, dtype=F64), target))
+    assert SEEN == expect
+
+
+def test_skipprop_sends_messages_past_nodes():
+    manager = pg.PropagationManager(Spy())
+    manager.add_propagator("last", pg.ComboProp(Spy(), pg.SkipProp(skip=3)))
+    SEEN.clear()
+    manager.backward(five_nodes(manager, torch.ones(2, 2, dtype=F64), None))
+    assert SEEN == [None, None, 2.0, 4.0, 4.0]
+
+
+def test_target_outside_the_recorded_nodes_names_the_call_site():
+    manager = pg.PropagationManager(Spy())
+    manager.add_propagator("last", Spy())
+    with pytest.raises(IndexError, match=r"test_propagate.py:\d+.*node -2"):
+        manager.backward(five_nodes(manager, torch.ones(2, 2, dtype=F64), -6))
+    manager.backward(five_nodes(manager, torch.ones(2, 2, dtype=F64), -1))  # usable after
+
+
+def test_sumprop_accumulates_a_message():
+    def put_backward(output, x):
+        pg.d[x] = pg.d[output]
+        pg.m["reward"] = x.sum(1)
+
+    class Put(pg.Propagator):
+        def parts(self):
+            return [pg.Part(backward=put_backward)]
+
+    @pg.propagate
+    def f(manager, x):
+        for _ in range(3):
+            x = manager.forward(x + 1.0)
+        return x.sum(1)
+
+    manager = pg.PropagationManager(pg.ComboProp(pg.SumProp("ret", "reward"), Put()))
+    out = manager.backward(f(manager, torch.zeros(2, 2, dtype=F64)))
+    torch.testing.assert_close(out["ret"], torch.full((2,), 2.0 + 4.0 + 6.0, dtype=F64))
+
+
+def test_chainprop_applies_its_members_in_turn():
+    x, w1, _ = _params(16)
+    manager = pg.PropagationManager(pg.ChainProp(pg.Propagator(), pg.ResampleProp()))
+    torch.manual_seed(3)
+    manager.backward(noisy(manager, x, w1))
+    assert "[Propagator()]" in pg.source(noisy, manager)
+    assert "[ResampleProp()]" in pg.source(noisy, manager)
+    with pytest.raises(ValueError, match="more than one member"):
+        pg.ComboProp(pg.RPProp(), pg.LRProp())
+
+
+def test_resample_gradient_is_the_gradient_through_the_fitted_gaussian():
+    # E[c(x~)] for c = sum(x~^2) is |mean|^2 + tr(cov): its exact gradient w.r.t. the batch
+    # is 2 mean / B + 2 (x_i - mean) / (B - 1); Stein's estimate of the Hessian makes the
+    # resampled estimate noisy, so compare its average over many batches
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, dtype=F64, generator=g) * torch.tensor([1.0, 0.5], dtype=F64) + 1.0
+    x = x.requires_grad_()
+
+    @pg.propagate
+    def f(manager, x):
+        y = manager.forward(x * 1.0)
+        return (y * y).sum(1)
+
+    manager = pg.PropagationManager(pg.ResampleProp())
+    torch.manual_seed(1)
+    runs = []
+    for _ in range(200):
+        x.grad = None
+        manager.backward(f(manager, x))
+        runs.append(x.grad.clone())
+    est = torch.stack(runs)
+    mean = x.detach().mean(0)
+    exact = 2 * mean / 400 + 2 * (x.detach() - mean) / 399
+    err = (est.mean(0) - exact).abs()
+    se = est.std(0) / 200 ** 0.5
+    assert (err < 5 * se + 1e-12).all()
