@@ -361,7 +361,7 @@ def rewards(manager, x, w):
     h = x
     for _ in range(3):
         h = torch.tanh(h @ w)
-        r = manager.forward((h ** 2).sum(1), local_propagator="loss")  # a cost at each step
+        manager.forward((h ** 2).sum(1), local_propagator="loss")  # a cost at each step
     return (h * 0.0).sum(1)
 
 
