@@ -101,6 +101,13 @@ def prune_dead_code(body: list) -> list:
         for s in ir.walk(body):
             if isinstance(s, gast.Name) and not isinstance(s.ctx, gast.Store):
                 live.add(s.id)
+            site = getattr(s, "pg_node", None)
+            if site is not None:  # a node's backward templates read what its forward made
+                live.add(site.output)
+                for v in site.mapping.values():
+                    live.update(ir.names_in(v))
+                if site.target is not None:
+                    live.update(ir.names_in(site.target))
         new = _prune(body, live)
         if sum(1 for _ in ir.walk(new)) == sum(1 for _ in ir.walk(body)):
             return new
