@@ -33,12 +33,15 @@ class PropagationManager:
     ``loss_propagator`` is the loss node ``backward`` appends (by default the one the default
     propagator asks for: LR needs no loss gradient, RP and TP do); ``terminal_propagator``
     handles what remains after the last node (``None`` drops gradients a node with
-    ``backprop=False`` leaves unsent).
+    ``backprop=False`` leaves unsent).  ``check_nan=True`` compiles checks that raise, naming
+    the node's call site, when a node's output, the gradient it sends or its messages hold a
+    NaN or inf (off by default: it costs a device synchronization per node).
     """
 
     def __init__(self, default_propagator: Propagator | None = None,
                  loss_propagator: LossProp | None = None,
-                 terminal_propagator: Propagator | None | str = "backprop") -> None:
+                 terminal_propagator: Propagator | None | str = "backprop",
+                 check_nan: bool = False) -> None:
         if terminal_propagator == "backprop":
             terminal_propagator = BackPropagator()
         if default_propagator is None:
@@ -52,6 +55,7 @@ class PropagationManager:
         self.default_propagator = default_propagator
         self.loss_propagator = loss_propagator
         self.terminal_propagator = terminal_propagator
+        self.check_nan = bool(check_nan)
         self.propagators: dict[str, Propagator] = {}
         self._tape: list[_Record] = []
 
@@ -67,7 +71,7 @@ class PropagationManager:
         """What generated code depends on (propagator classes and options, not values)."""
         return (self.default_propagator.structure(),
                 tuple((k, p.structure()) for k, p in sorted(self.propagators.items())),
-                self.terminal_propagator is None)
+                self.terminal_propagator is None, self.check_nan)
 
     def forward(self, x: Any, **kwargs: Any) -> Any:
         """Only meaningful inside a function decorated with ``@propgen.propagate``."""

@@ -159,6 +159,12 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
                     mapping, out, x, send, id(first), hint, target,
                     own if own is not None else -1)
     ctx.propagation.outputs.add(out)
+    if manager.check_nan:
+        check = gast.Call(func=ir.name(ctx.bind("value", None, "check_finite", _check(),
+                                                "check_finite")),
+                          args=[ir.const(f"{loc.short} [{prop.label}]"), ir.const("the output"),
+                                ir.name(out)], keywords=[])
+        nz.emit(gast.Expr(value=check))
     marker = gast.With(items=[], body=[gast.Pass()], type_comment=None)
     marker.pg_node = site
     nz.emit(marker)
@@ -183,6 +189,12 @@ def _local_propagator(nz: Normalizer, node: gast.AST, manager: Any) -> Any:
         nz.fail(node, "a local_propagator that is not known when compiling",
                 "pass a registered name (a string) or a propagator bound outside the function")
     return value
+
+
+def _check() -> Any:
+    from propgen.runtime import check_finite
+
+    return check_finite
 
 
 def _error(nz: Normalizer, node: gast.AST, problem: str, advice: str) -> None:

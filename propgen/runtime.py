@@ -33,6 +33,7 @@ __all__ = [
     "receive",
     "route",
     "AbsoluteTarget",
+    "check_finite",
 ]
 
 
@@ -409,3 +410,14 @@ def route(mail: dict, count: int, target: Any, site: str, messages: dict,
         for name, value in messages.items():
             if value is not None:
                 box[name] = value if box.get(name) is None else box[name] + value
+
+
+def check_finite(where: str, what: str, value: Any) -> None:
+    """The manager's NaN check: raise, naming the node, when ``value`` holds a NaN or inf."""
+    items = value.items() if isinstance(value, dict) else [(what, value)]
+    for name, v in items:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(
+                torch.isfinite(v).all()):
+            raise FloatingPointError(
+                f"{where}: {name} holds NaN or inf (PropagationManager(check_nan=True) checks "
+                "every node's output, the gradient it sends and its messages)")

@@ -54,6 +54,17 @@ def rev_node(rev: Reverse, s: gast.With, state: dict) -> list:
     for tmpl in site.backward:
         code += sp.block(tmpl, tmpl.body)
     code = _prune(code, sp)
+    if rev.ctx.propagation.manager.check_nan:
+        where = ir.const(f"{site.site} [{site.label}]")
+        x = site.mapping.get("x")
+        if isinstance(x, gast.Name) and rev.state_of(x.id, state):
+            code.append(gast.Expr(value=gast.Call(func=rev.rt("check_finite"), args=[
+                where, ir.const(f"the gradient sent to {x.id}"), ir.name(rev.dname(x.id))],
+                keywords=[])))
+        msgs = gast.Dict(keys=[ir.const(k) for k in sorted(rev.channels)],
+                         values=[ir.name(v) for _, v in sorted(rev.channels.items())])
+        code.append(gast.Expr(value=gast.Call(func=rev.rt("check_finite"), args=[
+            where, ir.const("messages"), msgs], keywords=[])))
     if site.index is not None:
         code = [Deliver(site.index)] + code
         if site.target is not None:

@@ -229,6 +229,10 @@ class Reverse:
             return value in _PASS_FRESH and self.is_fresh(expr.args[0])
         return False
 
+    def state_of(self, n: str, state: dict) -> bool:
+        """Whether ``n`` surely has a gradient here (not None)."""
+        return n in self.act.active and state.get(self.dname(n)) == DEF
+
     def reset(self, n: str, state: dict) -> list:
         d = self.dname(n)
         if state.get(d) is None:

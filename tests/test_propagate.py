@@ -494,3 +494,19 @@ def test_resample_gradient_is_the_gradient_through_the_fitted_gaussian():
     err = (est.mean(0) - exact).abs()
     se = est.std(0) / 200 ** 0.5
     assert (err < 5 * se + 1e-12).all()
+
+
+def test_nan_check_names_the_node_and_is_off_by_default():
+    @pg.propagate
+    def f(manager, x):
+        h = manager.forward(torch.sqrt(x))
+        return (h * h).sum(1)
+
+    x = torch.tensor([[1.0, -1.0]], dtype=F64, requires_grad=True)
+    quiet = pg.PropagationManager(pg.Propagator())
+    quiet.backward(f(quiet, x))  # no check: NaN flows as in torch
+    assert torch.isnan(x.grad).any()
+    loud = pg.PropagationManager(pg.Propagator(), check_nan=True)
+    with pytest.raises(FloatingPointError, match=r"test_propagate.py:\d+ \[Propagator\(\)\]"):
+        f(loud, x)
+    loud.backward(f(loud, torch.ones(1, 2, dtype=F64)))  # usable afterwards
