@@ -87,7 +87,12 @@ class Primal:
                     code.append(self.push(save))
                 return head + code + [ir.clone(s)]
             t = tgt.id
-            code = self.push_name(t, bound, rev.rebinds.get(id(s), True))
+            code = []
+            for alias, name in getattr(s, "pg_save_before", []):
+                code += self.push_name(alias, bound)
+                code.append(ir.assign(alias, ir.name(name)))
+                bound.add(alias)
+            code += self.push_name(t, bound, rev.rebinds.get(id(s), True))
             if any(k[0] == id(s) for k in rev.tracked):
                 code += self.opaque(s)
                 bound.update(v for k, v in rev.tracked.items() if k[0] == id(s) and v)

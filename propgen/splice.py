@@ -178,19 +178,42 @@ class _Splicer:
                      "start of the loop body or function) and this one")
         sub = Reverse(rev.ctx, rev.name, [], segment, [target.id], act, [])
         sub.dprefix = "c_"
+        sub.rebinds = rev.rebinds  # whether a name is bound before is a whole-function fact
         seed = rev.ctx.fresh(f"{site.hint}_seed")
         sub.dnames[x.id] = seed
         sub_state = {seed: _DEF}
-        body = sub.rev_block(segment, sub_state)
+        body: list = []
+        before: dict[str, str] = {}  # a name the segment reassigns -> its earlier value
+        saves: list = []
+        for st in reversed(segment):
+            code = sub.rev_stmt(st, sub_state)
+            code = [_rename_loads(c, before) for c in code]
+            for c in code:
+                if isinstance(c, Pop) and c.needed and c.name == st.targets[0].id:
+                    # earlier statements read the value ``c.name`` had before ``st``: the
+                    # forward keeps it under another name (the main backward has not
+                    # restored it yet where the node is)
+                    known = {n: a for a, n in getattr(st, "pg_save_before", [])}
+                    alias = known.get(c.name) or rev.ctx.fresh(f"{c.name}_before")
+                    before[c.name] = alias
+                    saves.append((st, alias, c.name))
+            body += [c for c in code if not isinstance(c, (Pop, PopSlot, PopAppend, Comment))]
         if sub.tracked or sub.redo_used:
             rev.fail(self.s, "TotalProp weights through an opaque call or a buffer store",
                      "compute the node's input with ops that have adjoint templates")
         rev.maybe_vars |= sub.maybe_vars
-        body = [b for b in body if not isinstance(b, (Pop, PopSlot, PopAppend, Comment))]
+        read = {n for c in body for n in ir.names_in(c)}
+        for st, alias, name in saves:
+            have = getattr(st, "pg_save_before", [])
+            if alias in read and (alias, name) not in have:  # (loops are reversed twice)
+                st.pg_save_before = have + [(alias, name)]
+                rev.primal.add(alias)
+                rev.act.multi.add(alias)
         d_t = sub.dnames.get(target.id)
         value = ir.name(d_t) if d_t and sub_state.get(d_t) else None
         if value is None:
             raise AssertionError(f"{loc}: contribution lost")  # excluded by the check above
+        body = [_per_sample(st, d_t, target.id, rev) for st in body]
         return [ir.assign(seed, g)] + body + [ir.assign(result, value)]
 
     def segment(self, target: str) -> list:
@@ -241,6 +264,14 @@ class _Subst(gast.NodeTransformer):
         return ir.name(sp.rev.ctx.bind("value", self.tmpl, node.id, value, node.id))
 
 
+def _rename_loads(node: gast.AST, names: dict) -> gast.AST:
+    if names:
+        for n in ir.walk(node):
+            if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Load) and n.id in names:
+                n.id = names[n.id]
+    return node
+
+
 def _stored_in(tmpl: Template, name: str) -> bool:
     return any(isinstance(n, gast.Name) and n.id == name and isinstance(n.ctx, gast.Store)
                for s in tmpl.body for n in ir.walk(s))
@@ -271,6 +302,29 @@ def _is_intrinsic(node: Any, tmpl: Template, name: str) -> bool:
 
 def _user(name: str) -> str:
     return name
+
+
+def _per_sample(stmt: gast.AST, d_t: str, t: str, rev: Reverse) -> gast.AST:
+    """In a statement that accumulates the target's contribution, keep the batch: the reducing
+    helpers become their per-sample forms (a shared weight's contributions stay per sample,
+    factored for a linear map)."""
+    from propgen.templates import estimators, helpers
+
+    if not (isinstance(stmt, gast.Assign) and isinstance(stmt.targets[0], gast.Name)
+            and stmt.targets[0].id == d_t):
+        return stmt
+    swap = {helpers.unbroadcast: estimators.per_sample_unbroadcast,
+            helpers.matmul_grad_other: estimators.factored_outer}
+    for n in ir.walk(stmt.value):
+        if isinstance(n, gast.Call) and isinstance(n.func, gast.Name) and len(n.args) >= 2:
+            b = rev.ctx.namespace.get(n.func.id)
+            new = swap.get(getattr(b, "value", None))
+            last = n.args[-1]
+            reads_t = t in ir.names_in(last)
+            if new is not None and reads_t:
+                n.func = ir.name(rev.ctx.bind("value", estimators, new.__name__, new,
+                                              new.__name__))
+    return stmt
 
 
 def _prune(code: list, sp: _Splicer) -> list:

@@ -272,7 +272,9 @@ class Reverse:
         if isinstance(s, gast.Assign):
             if isinstance(s.targets[0], gast.Subscript):
                 return self.rev_store(s, state)
-            return self.rev_assign(s, state)
+            # values a TotalProp contribution reads from before this statement (splice.py)
+            extra = [Pop(alias) for alias, _ in reversed(getattr(s, "pg_save_before", []))]
+            return self.rev_assign(s, state) + extra
         if isinstance(s, gast.Expr):
             return self.rev_expr(s, state)
         if isinstance(s, gast.If):

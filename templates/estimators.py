@@ -21,6 +21,9 @@ __all__ = [
     "leave_one_out",
     "batch_mean",
     "pooled_batch_variance",
+    "Factored",
+    "factored_outer",
+    "per_sample_unbroadcast",
     "inverse_variance_weight",
     "per_sample_loss",
     "mean_gradient",
@@ -129,9 +132,76 @@ def batch_mean(loss: torch.Tensor) -> torch.Tensor:
     return loss.mean(0, keepdim=True).expand_as(loss)
 
 
-def pooled_batch_variance(c: torch.Tensor, batch: int) -> torch.Tensor:
+class Factored:
+    """Per-sample contributions to a shared weight that enters through a linear map, kept as
+    factors: sample i contributes sum_a outer(left_a[i], right_a[i]).  Their batch variance is
+    computed from the factors (:meth:`pooled_variance`) without the (B, m, n) tensor."""
+
+    __slots__ = ("terms", "transposed")
+
+    def __init__(self, terms: list, transposed: bool = False) -> None:
+        self.terms, self.transposed = terms, transposed
+
+    @property
+    def mT(self) -> Factored:  # noqa: N802 - torch's spelling
+        return Factored(self.terms, not self.transposed)
+
+    @property
+    def shape(self) -> tuple:
+        left, right = self.terms[0]
+        return (left.shape[0], left.shape[1] * right.shape[1])
+
+    def __add__(self, other: Any) -> Any:
+        if isinstance(other, Factored) and other.transposed == self.transposed:
+            return Factored(self.terms + other.terms, self.transposed)
+        return self.materialize() + (other.materialize() if isinstance(other, Factored)
+                                     else other)
+
+    __radd__ = __add__
+
+    def materialize(self) -> torch.Tensor:
+        out = sum(torch.einsum("bi,bj->bij", left, right) for left, right in self.terms)
+        return out.mT if self.transposed else out
+
+    def pooled_variance(self) -> torch.Tensor:
+        """sum_jk Var_i(c_ijk) = (sum_i |c_i|^2 - B |mean_i c_i|^2) / (B - 1), with
+        |c_i|^2 = sum_ab (l_a[i] . l_b[i]) (r_a[i] . r_b[i])."""
+        b = self.terms[0][0].shape[0]
+        sq = 0.0
+        for la, ra in self.terms:
+            for lb, rb in self.terms:
+                sq = sq + ((la * lb).sum(1) * (ra * rb).sum(1)).sum()
+        mean = sum(left.T @ right for left, right in self.terms) / b
+        return (sq - b * (mean * mean).sum()) / max(b - 1, 1)
+
+
+def factored_outer(g: torch.Tensor, input: torch.Tensor, weight: Any) -> Any:
+    """Per-sample contributions to ``weight`` of ``input @ weight`` with output gradient ``g``:
+    outer(input[i], g[i]) for each sample, factored.  (Batched or 1-D operands: materialized.)"""
+    if input.dim() == 2 and g.dim() == 2:
+        return Factored([(input, g)])
+    return torch.einsum("b...i,b...j->bij", input, g)
+
+
+def per_sample_unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:
+    """``unbroadcast(g, x)`` keeping the batch (dim 0 of ``g``): the per-sample contributions
+    to a target ``x`` the batch was broadcast against.  A target that already has the batch
+    as its first dim (``beta.expand(B, 1)``) is summed as usual."""
+    if not isinstance(x, torch.Tensor):
+        return g.reshape(g.shape[0], -1).sum(1)
+    if x.dim() == g.dim() and x.shape[0] == g.shape[0]:
+        return g.sum_to_size(x.shape)
+    extra = g.dim() - x.dim()
+    if extra >= 1:
+        return g.sum_to_size((g.shape[0],) + (1,) * (extra - 1) + tuple(x.shape))
+    return g.sum_to_size((g.shape[0],) + tuple(x.shape[1:]))
+
+
+def pooled_batch_variance(c: Any, batch: int) -> torch.Tensor:
     """Sum over a target's elements of the sample variance over the batch (dim 0) of per-sample
     contributions ``c``."""
+    if isinstance(c, Factored):
+        return c.pooled_variance()
     if c.dim() == 0 or c.shape[0] != batch:
         raise ValueError(
             f"TotalProp needs per-sample contributions to its ivw_target, got shape "
@@ -141,10 +211,10 @@ def pooled_batch_variance(c: torch.Tensor, batch: int) -> torch.Tensor:
     return (centred * centred).sum() / max(batch - 1, 1)
 
 
-def inverse_variance_weight(c_rp: torch.Tensor, c_lr: torch.Tensor) -> torch.Tensor:
+def inverse_variance_weight(c_rp: Any, c_lr: Any) -> torch.Tensor:
     """Total propagation's weight of the LR message, k = V_RP / (V_LR + V_RP), in [0, 1], with
     0/0 giving 1/2; V_* pooled over the target from the per-sample contributions."""
-    batch = c_rp.shape[0] if c_rp.dim() else 0
+    batch = c_rp.shape[0] if isinstance(c_rp, Factored) or c_rp.dim() else 0
     v_rp = pooled_batch_variance(c_rp, batch)
     v_lr = pooled_batch_variance(c_lr, batch)
     total = v_rp + v_lr

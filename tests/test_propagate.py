@@ -510,3 +510,71 @@ def test_nan_check_names_the_node_and_is_off_by_default():
     with pytest.raises(FloatingPointError, match=r"test_propagate.py:\d+ \[Propagator\(\)\]"):
         f(loud, x)
     loud.backward(f(loud, torch.ones(1, 2, dtype=F64)))  # usable afterwards
+
+
+# ------------------------------------------------------------------ TotalProp weights
+
+
+class FixedNoise:
+    """A Normal whose draws are given: to compute the estimators by hand."""
+
+    def __init__(self, loc, scale):
+        self.loc, self.scale = loc, scale
+        self.batch_shape = torch.Size()
+
+    def sample(self, shape=()):
+        return FIXED["noise"]
+
+    rsample = sample
+
+    def log_prob(self, v):
+        return Normal(0.0, self.scale).log_prob(v)
+
+
+FIXED: dict = {}
+
+
+def _tp_by_hand(x, W, noise, scale, per_sample_target):
+    """beta's or W's gradient as TotalProp should give it, from materialized contributions."""
+    pre = torch.sigmoid(x @ W)
+    out = pre + noise
+    loss = ((out - 0.3) ** 2).sum(1)
+    b = x.shape[0]
+    g_rp = 2 * (out - 0.3) / b
+    baselined = loss - (loss.sum() - loss) / (b - 1)
+    score = noise / scale ** 2
+    g_lr = score * baselined[:, None] / b
+    sig = pre * (1 - pre)
+
+    def contrib(g):  # per-sample d/dW of g . sigmoid(x @ W): outer(x_i, g_i * sig_i)
+        return torch.einsum("bi,bj->bij", x, g * sig)
+
+    c_rp, c_lr = contrib(g_rp), contrib(g_lr)
+    v_rp = c_rp.var(0).sum()
+    v_lr = c_lr.var(0).sum()
+    k = v_rp / (v_rp + v_lr)
+    return x.T @ ((k * g_lr + (1 - k) * g_rp) * sig), k
+
+
+@pg.propagate
+def one_node(manager, x, W):
+    h = torch.sigmoid(x @ W)
+    h = manager.forward(h, ivw_target=W)
+    return ((h - 0.3) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("k_interval", [1, 3])
+def test_tp_weight_for_a_shared_weight_is_the_inverse_variance_formula(k_interval):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 3, dtype=F64, generator=g)
+    W = torch.randn(3, 2, dtype=F64, generator=g).requires_grad_()
+    scale = 0.2
+    FIXED["noise"] = torch.randn(64, 2, dtype=F64, generator=g) * scale
+    manager = pg.PropagationManager(pg.TotalProp(dist_class=FixedNoise,
+                                                 dist_params=(0.0, scale),
+                                                 k_interval=k_interval))
+    manager.backward(one_node(manager, x, W))
+    expect, k = _tp_by_hand(x, W.detach(), FIXED["noise"], scale, False)
+    assert 0.0 < float(k) < 1.0
+    torch.testing.assert_close(W.grad, expect)
+    assert "factored_outer" in pg.source(one_node, manager)
