@@ -82,6 +82,8 @@ def sample_like(dist: Any, x: torch.Tensor, reparameterized: bool) -> torch.Tens
             if isinstance(p, torch.Tensor) and p.shape != shape:
                 shape = torch.broadcast_shapes(shape, p.shape)
         eps = torch.empty(shape, dtype=x.dtype, device=x.device).normal_()
+        if isinstance(loc, (int, float)) and loc == 0:  # (eps is ours: scale it in place)
+            return eps.mul_(scale) if isinstance(scale, (int, float)) else eps * scale
         return loc + eps * scale
     shape = torch.broadcast_shapes(x.shape, dist.batch_shape)
     extra = shape[: len(shape) - len(dist.batch_shape)] if dist.batch_shape else shape
