@@ -120,9 +120,8 @@ def rnn(device: str, dim: int, batch: int, horizon: int, repeats: int) -> None:
 
 
 def factored_vs_vmap(device: str, repeats: int) -> None:
-    from torch.func import grad, vmap
-
     from propgen.templates.estimators import Factored
+    from torch.func import grad, vmap
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 500, generator=g).to(device)
