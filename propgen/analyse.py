@@ -176,8 +176,12 @@ def analyse(params: list[str], body: list, seeds: list[str], ret: gast.AST) -> A
     for stmt, _ in walk_statements(body):
         # a propagation node may create gradient for its input (a loss node, an LR node):
         # its output counts as used even when nothing downstream reads it
-        if getattr(stmt, "pg_node_output", False) and stmt.targets[0].id in varied:
-            useful.add(stmt.targets[0].id)
+        if getattr(stmt, "pg_node_output", False):
+            if stmt.targets[0].id in varied:
+                useful.add(stmt.targets[0].id)
+            x = getattr(stmt, "pg_node_input", None)
+            if x is not None and x in varied:
+                useful.add(x)
     changed = True
     while changed:
         changed = False

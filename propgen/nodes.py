@@ -152,11 +152,15 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
     if not any(p.forward for p in parts):
         nz.emit(_output_assign(out, ir.clone(x), x))
     first = nz.out[start] if len(nz.out) > start else None
+    backward = [_template(p.backward, cache) for p in reversed(parts) if p.backward is not None]
+    # a node whose backward never reads d[output] (LR) cuts the path: nothing downstream needs
+    # a gradient for it, while its input still gets one from the node
+    if not any(_reads_output_grad(t) for t in backward):
+        nz.out[-1].value.pg_callee.sources = []
+    nz.out[-1].pg_node_input = x.id if isinstance(x, gast.Name) else None
     mapping["output"] = ir.name(out)
     send = getattr(prop, "backprop", True) or manager.terminal_propagator is not None
-    site = NodeSite(prop.label, loc.short, [_template(p.backward, cache) for p in
-                                            reversed(parts) if p.backward is not None],
-                    mapping, out, x, send, id(first), hint, target,
+    site = NodeSite(prop.label, loc.short, backward, mapping, out, x, send, id(first), hint, target,
                     own if own is not None else -1)
     ctx.propagation.outputs.add(out)
     if manager.check_nan:
@@ -189,6 +193,16 @@ def _local_propagator(nz: Normalizer, node: gast.AST, manager: Any) -> Any:
         nz.fail(node, "a local_propagator that is not known when compiling",
                 "pass a registered name (a string) or a propagator bound outside the function")
     return value
+
+
+def _reads_output_grad(tmpl: Template) -> bool:
+    out = list(inspect.signature(tmpl.fn).parameters)[0]
+    for st in tmpl.body:
+        for n in ir.walk(st):
+            if (isinstance(n, gast.Subscript) and isinstance(n.slice, gast.Name)
+                    and n.slice.id == out):
+                return True
+    return False
 
 
 def _check() -> Any:
