@@ -156,6 +156,8 @@ def analyse(params: list[str], body: list, seeds: list[str], ret: gast.AST) -> A
             edges.append((target, sources))
         if seed and target is not None:
             varied.add(target)
+        if getattr(stmt, "pg_node_reads_grad", False):  # a node that reads its output grad
+            varied.add(stmt.targets[0].id)
         for n in assigned_names(stmt):
             counts[n] = counts.get(n, 0) + (2 if depth else 1)
             if isinstance(stmt, gast.Assign):

@@ -157,6 +157,8 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
     # a gradient for it, while its input still gets one from the node
     if not any(_reads_output_grad(t) for t in backward):
         nz.out[-1].value.pg_callee.sources = []
+    else:  # (GS) the gradient at the output is wanted even if nothing upstream varies
+        nz.out[-1].pg_node_reads_grad = True
     nz.out[-1].pg_node_input = x.id if isinstance(x, gast.Name) else None
     mapping["output"] = ir.name(out)
     send = getattr(prop, "backprop", True) or manager.terminal_propagator is not None

@@ -329,6 +329,9 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
             inits.append(ir.assign(rev.mail, gast.Dict(keys=[], values=[])))
         out = gast.Dict(keys=[ir.const(k) for k in sorted(rev.channels)],
                         values=[ir.name(v) for _, v in sorted(rev.channels.items())])
+        if getattr(rev, "mail", None):
+            out = gast.Call(func=rev.rt("remaining"), args=[ir.name(rev.mail), out],
+                            keywords=[])
         results = results + [out]
     ret_node = gast.Return(value=gast.Tuple(elts=results, ctx=gast.Load()))
     bwd = _fdef(bwd_name, bwd_params, unpack + inits + bwd_code + tail + [ret_node], rev.ctx)

@@ -258,7 +258,8 @@ class ComboProp(Propagator):
             if not isinstance(p, Propagator):
                 raise TypeError(f"ComboProp members must be propagators, not {p!r}")
         self.members = tuple(propagators)
-        outputs = [p for p in propagators if any(pt.forward for pt in p.parts())]
+        outputs = [p for p in propagators
+                   if any(pt.forward not in (None, tp.identity_forward) for pt in p.parts())]
         if len(outputs) > 1:
             raise ValueError("ComboProp: more than one member computes the node output "
                              f"({outputs}); use ChainProp to apply them one after another")

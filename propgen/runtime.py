@@ -34,6 +34,7 @@ __all__ = [
     "route",
     "AbsoluteTarget",
     "check_finite",
+    "remaining",
 ]
 
 
@@ -401,11 +402,12 @@ def route(mail: dict, count: int, target: Any, site: str, messages: dict,
         target = default
     for t in target if isinstance(target, (list, tuple)) else [target]:
         dest = t.index if isinstance(t, AbsoluteTarget) else own + int(t)
-        if not 0 <= dest < own:
+        if not -1 <= dest < own or (dest == -1 and isinstance(t, AbsoluteTarget)):
             raise IndexError(
                 f"{site}: the message target {t!r} points to node {dest}, but the nodes "
-                f"recorded before this one are 0..{own - 1}; use a negative relative target "
-                "(-1 = previous node) or propgen.AbsoluteTarget(k) for an earlier node")
+                f"recorded before this one are 0..{own - 1} (one before the first is the "
+                "terminal step); use a negative relative target (-1 = previous node) or "
+                "propgen.AbsoluteTarget(k) for an earlier node")
         box = mail.setdefault(dest + 1, {})
         for name, value in messages.items():
             if value is not None:
@@ -421,3 +423,11 @@ def check_finite(where: str, what: str, value: Any) -> None:
             raise FloatingPointError(
                 f"{where}: {name} holds NaN or inf (PropagationManager(check_nan=True) checks "
                 "every node's output, the gradient it sends and its messages)")
+
+
+def remaining(mail: dict, messages: dict) -> dict:
+    """The messages left after the first node, with those addressed past it (the terminal
+    step)."""
+    for name, value in mail.get(0, {}).items():
+        messages[name] = value if messages.get(name) is None else messages[name] + value
+    return messages

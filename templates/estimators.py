@@ -53,7 +53,7 @@ def make_distribution(dist_class: Any, dist_params: Any, x: torch.Tensor) -> Any
         raise TypeError("a noise node needs dist_class (e.g. torch.distributions.Normal) and "
                         "dist_params, given to the propagator or to manager.forward")
     if callable(dist_params) and not isinstance(dist_params, (dict, tuple, list)):
-        dist_params = dist_params(x)
+        dist_params = _params_of(dist_params, x)
     if dist_class is Normal:
         if isinstance(dist_params, dict):
             return Gaussian(dist_params["loc"], dist_params["scale"])
@@ -64,6 +64,21 @@ def make_distribution(dist_class: Any, dist_params: Any, x: torch.Tensor) -> Any
     else:
         dist = dist_class(*[_as_tensor(v, x) for v in dist_params])
     return dist
+
+
+def _params_of(fn: Any, x: torch.Tensor) -> Any:
+    """``fn(x)``, refusing parameters that depend on x: the noise templates differentiate with
+    the noise distribution held fixed, so such a dependence would be a silently lost term."""
+    with torch.enable_grad():
+        probe = x.detach().requires_grad_()
+        params = fn(probe)
+    values = params.values() if isinstance(params, dict) else params
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in values):
+        raise NotImplementedError(
+            "dist_params computed from the node input depend on the node input: gradients "
+            "through the noise distribution's parameters are not supported; compute them from "
+            "values that do not depend on x (e.g. x.detach())")
+    return params
 
 
 def _as_tensor(v: Any, x: torch.Tensor) -> Any:

@@ -578,3 +578,86 @@ def test_tp_weight_for_a_shared_weight_is_the_inverse_variance_formula(k_interva
     assert 0.0 < float(k) < 1.0
     torch.testing.assert_close(W.grad, expect)
     assert "factored_outer" in pg.source(one_node, manager)
+
+
+# ------------------------------------------------------------- configurations that run
+
+
+@pg.propagate
+def gaussian_cost(manager, theta, batch):
+    x = manager.forward(theta.expand(batch, theta.shape[0]) * 1.0)
+    x = manager.forward(x, local_propagator="shape")
+    return ((x - 1.0) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("default, shape", [
+    (pg.LRProp, pg.GSLoss),
+    (pg.LRProp, pg.Propagator),
+    (pg.TotalProp, pg.GSProp),
+])
+def test_gaussian_shaping_is_unbiased_for_a_quadratic_cost(default, shape):
+    # x ~ N(theta, s^2): d/dtheta E[sum (x - 1)^2] = 2 (theta - 1); a Gaussian fit is exact in
+    # expectation for a quadratic cost, so GS is unbiased here too
+    theta = torch.tensor([0.3, -0.5], dtype=F64, requires_grad=True)
+    kw = dict(dist_class=Normal, dist_params=(0.0, 0.5))
+    opts = {"ivw_target": None} if default is pg.TotalProp else {}
+    manager = pg.PropagationManager(default(**kw), loss_propagator=pg.LossProp(lossgrad=True))
+    manager.add_propagator("shape", shape())
+    torch.manual_seed(0)
+    runs = []
+    for _ in range(300):
+        theta.grad = None
+        if opts:
+            with pytest.raises(Exception):  # TotalProp needs a target reaching the node
+                gaussian_cost(manager, theta, 64)
+            return
+        manager.backward(gaussian_cost(manager, theta, 64))
+        runs.append(theta.grad.clone())
+    est = torch.stack(runs)
+    truth = 2 * (theta.detach() - 1.0)
+    se = est.std(0) / len(runs) ** 0.5
+    assert ((est.mean(0) - truth).abs() < 4 * se + 1e-9).all(), (est.mean(0), truth, se)
+
+
+@pytest.mark.parametrize("prop", [
+    pg.TotalProp(baseline=False, dist_class=Normal, dist_params=(0.0, 0.1)),
+    pg.TotalProp(baseline="mean", k_interval=2, dist_class=Normal, dist_params=(0.0, 0.1)),
+    pg.TotalProp(backprop=False, dist_class=Normal, dist_params=(0.0, 0.1)),
+    pg.LRProp(baseline=lambda cost: cost.median(), dist_class=Normal, dist_params=(0.0, 0.1)),
+    pg.RPProp(backprop=False, dist_class=Normal, dist_params=(0.0, 0.1)),
+    pg.ComboProp(pg.RPProp(dist_class=Normal, dist_params=(0.0, 0.1)), pg.SkipProp(1)),
+    pg.ChainProp(pg.RPProp(dist_class=Normal, dist_params=(0.0, 0.1)), pg.PauseProp()),
+])
+def test_constructor_options_run_on_a_recurrent_program(prop):
+    @pg.propagate
+    def rnn(manager, x, w, beta):
+        b = beta.expand(x.shape[0], 1)
+        for _ in range(4):
+            x = torch.sigmoid(b * (x @ w))  # the loss's last op saves its output
+            x = manager.forward(x, ivw_target=b)
+        return torch.sigmoid(x.sum(1))
+
+    x, w1, _ = _params(17)
+    w = torch.randn(3, 3, dtype=F64) * 0.5
+    beta = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    manager = pg.PropagationManager(prop)
+    for _ in range(2):  # reused across iterations
+        beta.grad = None
+        manager.backward(rnn(manager, x, w, beta))
+        assert beta.grad is not None and torch.isfinite(beta.grad).all()
+
+
+def _input_scaled(h):
+    return {"loc": 0.0, "scale": h.abs() + 0.1}
+
+
+def test_dist_params_depending_on_the_input_are_refused():
+    @pg.propagate
+    def f(manager, x, w):
+        h = manager.forward(x @ w, dist_params=_input_scaled)
+        return (h * h).sum(1)
+
+    x, w1, _ = _params(18)
+    manager = pg.PropagationManager(pg.RPProp(dist_class=Normal))
+    with pytest.raises(NotImplementedError, match="depend on the node input"):
+        f(manager, x, w1)
