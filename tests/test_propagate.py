@@ -608,8 +608,8 @@ def test_gaussian_shaping_is_unbiased_for_a_quadratic_cost(default, shape):
     for _ in range(300):
         theta.grad = None
         if opts:
-            with pytest.raises(Exception):  # TotalProp needs a target reaching the node
-                gaussian_cost(manager, theta, 64)
+            with pytest.raises(pg.UnsupportedSyntaxError, match="ivw_target"):
+                gaussian_cost(manager, theta, 64)  # TotalProp needs a target
             return
         manager.backward(gaussian_cost(manager, theta, 64))
         runs.append(theta.grad.clone())
