@@ -661,3 +661,62 @@ def test_dist_params_depending_on_the_input_are_refused():
     manager = pg.PropagationManager(pg.RPProp(dist_class=Normal))
     with pytest.raises(NotImplementedError, match="depend on the node input"):
         f(manager, x, w1)
+
+
+class QueuedNoise(FixedNoise):
+    """Hands out the queued draws in order, one per node."""
+
+    def sample(self, shape=()):
+        return FIXED["queue"].pop(0)
+
+    rsample = sample
+
+
+@pg.propagate
+def two_steps(manager, x, W, beta):
+    b = beta.expand(x.shape[0], 1)
+    for _ in range(2):
+        x = torch.sigmoid(b * (x @ W))
+        x = manager.forward(x, ivw_target=b)
+    return ((x - 0.3) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("k_interval", [1, 2])
+def test_tp_two_nodes_by_hand_with_reused_weights(k_interval):
+    g = torch.Generator().manual_seed(6)
+    bsz, s = 50, 0.3
+    x0 = torch.randn(bsz, 2, dtype=F64, generator=g)
+    W = torch.randn(2, 2, dtype=F64, generator=g)
+    beta = torch.tensor([0.7], dtype=F64, requires_grad=True)
+    n1, n2 = (torch.randn(bsz, 2, dtype=F64, generator=g) * s for _ in range(2))
+    FIXED["queue"] = [n1, n2]
+    manager = pg.PropagationManager(pg.TotalProp(dist_class=QueuedNoise, dist_params=(0.0, s),
+                                                 k_interval=k_interval))
+    manager.backward(two_steps(manager, x0, W, beta))
+
+    bt = 0.7
+    a1 = x0 @ W
+    h1 = torch.sigmoid(bt * a1)
+    x1 = h1 + n1
+    a2 = x1 @ W
+    h2 = torch.sigmoid(bt * a2)
+    x2 = h2 + n2
+    loss = ((x2 - 0.3) ** 2).sum(1)
+    lb = loss - (loss.sum() - loss) / (bsz - 1)
+
+    def k_of(g_rp, g_lr, sig, a):
+        c_rp, c_lr = (g_rp * sig * a).sum(1), (g_lr * sig * a).sum(1)
+        v_rp, v_lr = c_rp.var(), c_lr.var()
+        return v_rp / (v_rp + v_lr)
+
+    sig2, sig1 = h2 * (1 - h2), h1 * (1 - h1)
+    g_rp2, g_lr2 = 2 * (x2 - 0.3) / bsz, (n2 / s ** 2) * lb[:, None] / bsz
+    k2 = k_of(g_rp2, g_lr2, sig2, a2)
+    d_h2 = k2 * g_lr2 + (1 - k2) * g_rp2
+    grad = (d_h2 * sig2 * a2).sum()
+    g_rp1 = (d_h2 * sig2 * bt) @ W.T
+    g_lr1 = (n1 / s ** 2) * lb[:, None] / bsz
+    k1 = k2 if k_interval == 2 else k_of(g_rp1, g_lr1, sig1, a1)
+    d_h1 = k1 * g_lr1 + (1 - k1) * g_rp1
+    grad = grad + (d_h1 * sig1 * a1).sum()
+    torch.testing.assert_close(beta.grad, grad.reshape(1))
