@@ -720,3 +720,34 @@ def test_tp_two_nodes_by_hand_with_reused_weights(k_interval):
     d_h1 = k1 * g_lr1 + (1 - k1) * g_rp1
     grad = grad + (d_h1 * sig1 * a1).sum()
     torch.testing.assert_close(beta.grad, grad.reshape(1))
+
+
+MANAGER = pg.PropagationManager()
+
+
+def test_manager_forward_under_propgen_grad_and_other_methods_are_refused():
+    def f(x):
+        return MANAGER.forward(x * 2.0).sum()
+
+    with pytest.raises(pg.UnsupportedSyntaxError, match="@propgen.propagate"):
+        pg.grad(f)(torch.ones(2))
+
+    @pg.propagate
+    def g(manager, x):
+        manager.backward(x)
+        return x
+
+    with pytest.raises(pg.UnsupportedSyntaxError, match="manager.backward"):
+        g(MANAGER, torch.ones(2))
+
+
+def test_manager_closed_over_and_global():
+    x, w1, _ = _params(19)
+
+    @pg.propagate
+    def f(x, w):
+        return (MANAGER.forward(torch.tanh(x @ w)) ** 2).sum(1)
+
+    MANAGER.backward(f(x, w1))
+    ref = torch.autograd.grad((torch.tanh(x @ w1) ** 2).sum(1).mean(), w1)[0]
+    torch.testing.assert_close(w1.grad, ref)
