@@ -35,6 +35,7 @@ __all__ = [
     "AbsoluteTarget",
     "check_finite",
     "remaining",
+    "opaque_grad",
 ]
 
 
@@ -216,6 +217,28 @@ def opaque_vjp(output: Any, d_output: Any, *inputs: Any) -> tuple:
         gs = [_collect(t) for t in flat]
         result.append(gs[0] if isinstance(x, torch.Tensor) else _rebuild(x, iter(gs)))
     return tuple(result)
+
+
+def opaque_grad(output: Any, d_output: Any, *inputs: Any) -> tuple:
+    """:func:`opaque_vjp` without side effects: the gradients of the tracked tensor inputs
+    only, nothing accumulated into parameters (TotalProp's contributions use it)."""
+    outs: list = []
+    grads: list = []
+    _flatten(output, outs)
+    _flatten(d_output, grads)
+    pairs = [(o, g) for o, g in zip(outs, grads)
+             if isinstance(o, torch.Tensor) and o.requires_grad and isinstance(g, torch.Tensor)]
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    found: dict = {}
+    if pairs and leaves:
+        with torch.enable_grad():
+            got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                      retain_graph=True, allow_unused=True)
+        found = {id(x): g for x, g in zip(leaves, got)}
+    return tuple(
+        (found.get(id(x)) if found.get(id(x)) is not None else torch.zeros_like(x))
+        if isinstance(x, torch.Tensor) and x.requires_grad else None
+        for x in inputs)
 
 
 def _collect(t: Any) -> Any:

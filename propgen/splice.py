@@ -177,6 +177,7 @@ class _Splicer:
                      "the target must be used in the code between the previous node (or the "
                      "start of the loop body or function) and this one")
         sub = Reverse(rev.ctx, rev.name, [], segment, [target.id], act, [])
+        sub.tracked, sub.temps = rev.tracked, rev.temps  # an opaque call is recorded once
         sub.dprefix = "c_"
         sub.rebinds = rev.rebinds  # whether a name is bound before is a whole-function fact
         seed = rev.ctx.fresh(f"{site.hint}_seed")
@@ -198,9 +199,16 @@ class _Splicer:
                     before[c.name] = alias
                     saves.append((st, alias, c.name))
             body += [c for c in code if not isinstance(c, (Pop, PopSlot, PopAppend, Comment))]
-        if sub.tracked or sub.redo_used:
-            rev.fail(self.s, "TotalProp weights through an opaque call or a buffer store",
-                     "compute the node's input with ops that have adjoint templates")
+        if sub.redo_used:
+            rev.fail(self.s, "TotalProp weights through a buffer store",
+                     "compute the node's input without assigning into a buffer")
+        for st in segment:
+            tracked = any(k[0] == id(st) for k in rev.tracked)
+            if tracked and st.targets[0].id not in rev.act.active:
+                rev.fail(st, "TotalProp weights through an opaque call that carries no "
+                         "gradient", "give the call an adjoint template, or make the target "
+                         "reach the node through ops that have one")
+        body = [_no_side_effects(c, rev) for c in body]
         rev.maybe_vars |= sub.maybe_vars
         read = {n for c in body for n in ir.names_in(c)}
         for st, alias, name in saves:
@@ -262,6 +270,20 @@ class _Subst(gast.NodeTransformer):
         value = g[node.id] if node.id in g else __builtins__[node.id] if isinstance(
             __builtins__, dict) else getattr(__builtins__, node.id)
         return ir.name(sp.rev.ctx.bind("value", self.tmpl, node.id, value, node.id))
+
+
+def _no_side_effects(stmt: gast.AST, rev: Reverse) -> gast.AST:
+    """A contribution differentiates through an opaque call with ``opaque_grad``, which leaves
+    parameters' ``.grad`` alone (the main backward accumulates them once)."""
+    from propgen import runtime
+
+    vjp = rev.ctx.namespace
+    for n in ir.walk(stmt):
+        if isinstance(n, gast.Call) and isinstance(n.func, gast.Name):
+            b = vjp.get(n.func.id)
+            if getattr(b, "value", None) is runtime.opaque_vjp:
+                n.func = rev.rt("opaque_grad")
+    return stmt
 
 
 def _rename_loads(node: gast.AST, names: dict) -> gast.AST:
