@@ -798,3 +798,28 @@ def test_modules_inside_propagated_functions_rp_equals_autograd_and_tp_runs():
     tp.backward(module_rollout(tp, cell, x0, beta, 4))
     assert torch.isfinite(beta.grad).all() and cell.lin.weight.grad is not None
     assert "opaque_grad" in pg.source(module_rollout, tp)
+
+
+@pg.propagate
+def inline_rollout(manager, W, bias, x, beta, horizon):
+    b = beta.expand(x.shape[0], 1)
+    for _ in range(horizon):
+        x = torch.tanh(b * (x @ W.T + bias))
+        x = manager.forward(x, ivw_target=b)
+    return (x ** 2).sum(1)
+
+
+def test_tp_through_a_module_equals_tp_through_its_inlined_twin():
+    torch.manual_seed(0)
+    cell = Cell()
+    x0 = torch.randn(16, 3, dtype=F64)
+    beta = torch.tensor([0.9], dtype=F64, requires_grad=True)
+    manager = pg.PropagationManager(pg.TotalProp(dist_class=Normal, dist_params=(0.0, 0.1)))
+    torch.manual_seed(5)
+    manager.backward(module_rollout(manager, cell, x0, beta, 4))
+    through_module = beta.grad.clone()
+    beta.grad = None
+    torch.manual_seed(5)
+    manager.backward(inline_rollout(manager, cell.lin.weight.detach(), cell.lin.bias.detach(),
+                                    x0, beta, 4))
+    torch.testing.assert_close(through_module, beta.grad)
