@@ -90,7 +90,7 @@ def compile_reverse(fn: Callable, wrt: tuple[int, ...], registry: Registry,
         f"{what}.",
         "Edit the original function, not this file; it is regenerated from the source.",
     ]
-    text = emit_module([fwd, bwd], header)
+    text = emit_module([fwd, bwd] + rev.__dict__.get("extra_defs", []), header)
     path = write_source(pf.name, text)
     code = compile(text, str(path), "exec")
     inlined = [(f, f.__code__) for f in ctx.callees]

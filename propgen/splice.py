@@ -222,7 +222,67 @@ class _Splicer:
         if value is None:
             raise AssertionError(f"{loc}: contribution lost")  # excluded by the check above
         body = [_per_sample(st, d_t, target.id, rev) for st in body]
+        from propgen import runtime
+
+        via_autograd = {n.id for st in body if isinstance(st, gast.Assign)
+                        and isinstance(st.value, gast.Call) and isinstance(st.value.func, gast.Name)
+                        and getattr(rev.ctx.namespace.get(st.value.func.id), "value", None)
+                        is runtime.opaque_grad
+                        for n in ir.walk(st.targets[0]) if isinstance(n, gast.Name)}
+        if not all(_per_sample_form(st, d_t, rev, via_autograd) for st in body):
+            return self.vmap_fallback(segment, target.id, x.id, g, result)
         return [ir.assign(seed, g)] + body + [ir.assign(result, value)]
+
+    def vmap_fallback(self, segment: list, t: str, x: str, g: gast.AST, result: str) -> list:
+        """Per-sample contributions with torch.func, for a target reached through an op whose
+        adjoint has no per-sample form: the segment becomes a function of the target and its
+        inputs, and ``per_sample_vjp`` maps its vector-Jacobian product over the batch."""
+        from propgen.templates import estimators
+
+        rev = self.rev
+        key = (id(self.site), t)
+        cache = rev.__dict__.setdefault("segment_fns", {})
+        if key not in cache:
+            stored: set = set()
+            inputs: list = []
+            first_store: dict = {}
+            for st in segment:
+                for n in ir.names_in(st.value):
+                    if (n not in stored and n != t and n not in inputs
+                            and n not in rev.ctx.namespace):
+                        inputs.append(n)
+                name = st.targets[0].id
+                stored.add(name)
+                first_store.setdefault(name, st)
+            aliases = []
+            for n in inputs:
+                st = first_store.get(n)
+                if st is None:
+                    aliases.append(n)
+                    continue
+                # the segment reassigns this input: the forward keeps its value from before
+                known = {nm: a for a, nm in getattr(st, "pg_save_before", [])}
+                alias = known.get(n) or rev.ctx.fresh(f"{n}_before")
+                if n not in known:
+                    st.pg_save_before = getattr(st, "pg_save_before", []) + [(alias, n)]
+                    rev.primal.add(alias)
+                    rev.act.multi.add(alias)
+                aliases.append(alias)
+            from propgen.primal import _fdef
+
+            fname = rev.ctx.fresh(f"{self.site.hint}_segment")
+            body = [ir.clone(st) for st in segment] + [gast.Return(value=ir.name(x))]
+            rev.__dict__.setdefault("extra_defs", []).append(
+                _fdef(fname, [t] + inputs, body, rev.ctx))
+            cache[key] = (fname, aliases)
+        fname, aliases = cache[key]
+        fn = rev.ctx.bind("value", estimators, "per_sample_vjp", estimators.per_sample_vjp,
+                          "per_sample_vjp")
+        call = gast.Call(func=ir.name(fn), args=[
+            ir.name(fname), ir.name(t), g,
+            gast.Tuple(elts=[ir.name(a) for a in aliases], ctx=gast.Load())], keywords=[])
+        rev.ctx.used.add(fname)
+        return [ir.assign(result, call)]
 
     def segment(self, target: str) -> list:
         block, index = self.rev.node_block(self.site.first_stmt)
@@ -284,6 +344,35 @@ def _no_side_effects(stmt: gast.AST, rev: Reverse) -> gast.AST:
             if getattr(b, "value", None) is runtime.opaque_vjp:
                 n.func = rev.rt("opaque_grad")
     return stmt
+
+
+def _per_sample_form(stmt: gast.AST, d_t: str, rev: Reverse, via_autograd: set) -> bool:
+    """Whether a statement accumulating the target's contribution keeps the batch."""
+    from propgen import runtime
+    from propgen.templates import estimators, helpers
+
+    if not (isinstance(stmt, gast.Assign) and isinstance(stmt.targets[0], gast.Name)
+            and stmt.targets[0].id == d_t):
+        return True
+    per_sample = {estimators.per_sample_unbroadcast, estimators.factored_outer,
+                  runtime.opaque_grad}
+    passing = {runtime.acc, runtime.acc_into, helpers.like}
+
+    def ok(e: gast.AST) -> bool:  # the last reduction keeps the batch
+        if isinstance(e, gast.Name):  # (another contribution variable may be batch-summed)
+            return e.id in via_autograd or e.id == d_t
+        if isinstance(e, gast.Constant):
+            return True
+        if isinstance(e, gast.Call) and isinstance(e.func, gast.Name):
+            fn = getattr(rev.ctx.namespace.get(e.func.id), "value", None)
+            return fn in per_sample or (fn in passing and all(ok(a) for a in e.args))
+        if isinstance(e, gast.BinOp) and isinstance(e.op, gast.Add):
+            return ok(e.left) and ok(e.right)
+        if isinstance(e, gast.Attribute) and e.attr in ("mT", "T"):
+            return ok(e.value)
+        return False
+
+    return ok(stmt.value)
 
 
 def _rename_loads(node: gast.AST, names: dict) -> gast.AST:

@@ -200,6 +200,26 @@ def factored_outer(g: torch.Tensor, input: torch.Tensor, weight: Any) -> Any:
     return torch.einsum("b...i,b...j->bij", input, g)
 
 
+def per_sample_vjp(segment: Any, target: torch.Tensor, g: torch.Tensor, inputs: tuple) -> Any:
+    """Per-sample contributions of ``g`` (gradient at the node input, batch first) to a shared
+    ``target`` through ``segment(target, *inputs)``, by torch.func: the general fallback where
+    an op's adjoint has no per-sample form.  Inputs whose first dim is the batch are mapped
+    over (one sample at a time, with a batch of one); the others are shared."""
+    from torch.func import vjp, vmap
+
+    batch = g.shape[0]
+    dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
+                 else None for a in inputs)
+
+    def one(gi: torch.Tensor, *ins: Any) -> torch.Tensor:
+        ins = tuple(i.unsqueeze(0) if d == 0 else i for i, d in zip(ins, dims))
+        _, pull = vjp(lambda tt: segment(tt, *ins), target)
+        return pull(gi.unsqueeze(0))[0]
+
+    with torch.enable_grad():
+        return vmap(one, in_dims=(0,) + dims)(g, *inputs)
+
+
 def per_sample_unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:
     """``unbroadcast(g, x)`` keeping the batch (dim 0 of ``g``): the per-sample contributions
     to a target ``x`` the batch was broadcast against.  A target that already has the batch
@@ -228,10 +248,10 @@ def pooled_batch_variance(c: Any, batch: int) -> torch.Tensor:
     return (centred * centred).sum() / max(batch - 1, 1)
 
 
-def inverse_variance_weight(c_rp: Any, c_lr: Any) -> torch.Tensor:
+def inverse_variance_weight(c_rp: Any, c_lr: Any, batch: int) -> torch.Tensor:
     """Total propagation's weight of the LR message, k = V_RP / (V_LR + V_RP), in [0, 1], with
-    0/0 giving 1/2; V_* pooled over the target from the per-sample contributions."""
-    batch = c_rp.shape[0] if isinstance(c_rp, Factored) or c_rp.dim() else 0
+    0/0 giving 1/2; V_* pooled over the target from the per-sample contributions (``batch``
+    of them: the node's batch size)."""
     v_rp = pooled_batch_variance(c_rp, batch)
     v_lr = pooled_batch_variance(c_lr, batch)
     total = v_rp + v_lr

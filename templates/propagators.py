@@ -97,7 +97,7 @@ def tp_backward(output, x, score, ivw_target, site):
     g_lr = score * batch_weights(cost, score)
     c_rp = contribution(g_rp, x, ivw_target)
     c_lr = contribution(g_lr, x, ivw_target)
-    k_lr = inverse_variance_weight(c_rp, c_lr)
+    k_lr = inverse_variance_weight(c_rp, c_lr, batch_size(x))
     d[x] = k_lr * g_lr + (1 - k_lr) * g_rp
 
 
@@ -112,7 +112,7 @@ def tp_reuse_backward(output, x, score, ivw_target, site, k_interval):
     if k_lr is None or k_count % k_interval == 0:
         c_rp = contribution(g_rp, x, ivw_target)
         c_lr = contribution(g_lr, x, ivw_target)
-        k_lr = inverse_variance_weight(c_rp, c_lr)
+        k_lr = inverse_variance_weight(c_rp, c_lr, batch_size(x))
         k_count = 0
     m["k_lr"] = k_lr
     m["k_count"] = k_count + 1

@@ -823,3 +823,54 @@ def test_tp_through_a_module_equals_tp_through_its_inlined_twin():
     manager.backward(inline_rollout(manager, cell.lin.weight.detach(), cell.lin.bias.detach(),
                                     x0, beta, 4))
     torch.testing.assert_close(through_module, beta.grad)
+
+
+@pg.propagate
+def mm_rollout(manager, x, W, horizon):
+    for _ in range(horizon):
+        x = torch.sigmoid(torch.mm(x, W))  # mm's adjoint has no per-sample form: torch.func
+        x = manager.forward(x, ivw_target=W)
+    return 0.5 * ((1.0 - x) ** 2).sum(dim=1)
+
+
+@pg.propagate
+def matmul_rollout(manager, x, W, horizon):
+    for _ in range(horizon):
+        x = torch.sigmoid(x @ W)  # factored per-sample rule
+        x = manager.forward(x, ivw_target=W)
+    return 0.5 * ((1.0 - x) ** 2).sum(dim=1)
+
+
+def test_tp_torch_func_fallback_equals_the_factored_rule():
+    g = torch.Generator().manual_seed(8)
+    W = (torch.randn(3, 3, dtype=F64, generator=g) * 0.5).requires_grad_()
+    x0 = torch.rand(64, 3, dtype=F64, generator=g)
+    manager = pg.PropagationManager(pg.TotalProp(dist_class=Normal, dist_params=(0.0, 0.1)))
+    torch.manual_seed(0)
+    manager.backward(mm_rollout(manager, x0, W, 3))
+    fallback = W.grad.clone()
+    W.grad = None
+    torch.manual_seed(0)
+    manager.backward(matmul_rollout(manager, x0, W, 3))
+    torch.testing.assert_close(fallback, W.grad)
+    assert "per_sample_vjp" in pg.source(mm_rollout, manager)
+    assert "factored_outer" in pg.source(matmul_rollout, manager)
+
+
+def test_inverse_variance_weight_closed_forms():
+    from propgen.templates.estimators import Factored, inverse_variance_weight
+
+    c_rp = torch.tensor([[1.0], [3.0], [5.0]], dtype=F64)  # variance 4
+    c_lr = torch.tensor([[0.0], [2.0], [-2.0]], dtype=F64)  # variance 4
+    assert float(inverse_variance_weight(c_rp, c_lr, 3)) == pytest.approx(0.5)
+    assert float(inverse_variance_weight(c_rp, 3 * c_lr, 3)) == pytest.approx(4 / 40)
+    flat = torch.ones(3, 1, dtype=F64)
+    assert float(inverse_variance_weight(flat, flat, 3)) == 0.5  # 0/0
+    assert float(inverse_variance_weight(flat, c_lr, 3)) == 0.0
+    with pytest.raises(ValueError, match="per-sample contributions"):
+        inverse_variance_weight(torch.ones(2, 2), torch.ones(2, 2), 3)  # summed over batch
+    left, right = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    full = torch.einsum("bi,bj->bij", left, right)
+    fac = Factored([(left, right), (right @ torch.ones(2, 3, dtype=F64), right)])
+    full = full + torch.einsum("bi,bj->bij", right @ torch.ones(2, 3, dtype=F64), right)
+    torch.testing.assert_close(fac.pooled_variance(), full.var(0).sum())
