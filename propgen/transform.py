@@ -319,11 +319,12 @@ class Reverse:
         if not body:
             return [loop_pop] if isinstance(s, gast.For) else []
         if isinstance(s, gast.For):
+            pre, body = self._skip_entry_gradients(s, body)
             rev_iter = _call(ir.name(self.ctx.bind("builtin", None, "reversed", reversed,
                                                    "reversed")), ir.clone(s.iter))
             loop = gast.For(target=ir.name(s.target.id, True), iter=rev_iter, body=body,
                             orelse=[], type_comment=None)
-            return [loop, loop_pop]
+            return pre + [loop, loop_pop]
         count = self.temp(("count", id(s)), "loop_iterations")
         self.counts[id(s)] = count
         if id(s) in self.nested_whiles:
@@ -335,6 +336,41 @@ class Reverse:
         loop = gast.For(target=ir.name(under, True), iter=rng, body=body, orelse=[],
                         type_comment=None)
         return [loop, Pop(count, id(s) in self.nested_whiles)]
+
+    def _skip_entry_gradients(self, s: gast.For, body: list) -> tuple[list, list]:
+        """Skip, in the last backward iteration, gradients of a loop-carried name's value at
+        loop entry when that value carries no gradient (``x`` in ``for t: x = f(x)`` with ``x``
+        an argument not differentiated): autograd never computes them either."""
+        if s not in self.body:  # the entry value of a nested loop varies with the outer one
+            return [], body
+        before = self.body[:self.body.index(s)]
+        assigned_before = {n for st, _ in walk_statements(before) for n in assigned_names(st)}
+        entry_dead = {
+            n for n in self.params
+            if n not in self.wrt and n not in self.leaves and n not in assigned_before
+        }
+        targets: set = set()
+        last_pop = {st.name: i for i, st in enumerate(body) if isinstance(st, Pop)}
+        for n, i in last_pop.items():
+            d = self.dnames.get(n)
+            if n not in entry_dead or d is None:
+                continue
+            # what follows the last restore of n reads n's value from the iteration start
+            for j in range(i + 1, len(body)):
+                b = body[j]
+                if (isinstance(b, gast.Assign) and isinstance(b.targets[0], gast.Name)
+                        and b.targets[0].id == d and not isinstance(b.value, gast.Constant)):
+                    targets.add(j)
+        if not targets:
+            return [], body
+        left = self.temp(("left", id(s)), "iterations_left")
+        size = _call(ir.name(self.ctx.bind("builtin", None, "len", len, "len")), ir.clone(s.iter))
+        dec = ir.assign(left, gast.BinOp(left=ir.name(left), op=gast.Sub(), right=ir.const(1)))
+        new_body = [dec]
+        for j, b in enumerate(body):
+            new_body.append(gast.If(test=ir.name(left), body=[b], orelse=[]) if j in targets
+                            else b)
+        return [ir.assign(left, size)], new_body
 
     def rev_grad_of(self, s: gast.With, state: dict) -> list:
         var = s.items[0].context_expr.id
