@@ -478,9 +478,34 @@ def number_nodes(ctx: Any, body: list, sites: list) -> None:
             i += 1
 
     walk(body)
+    _check_static_targets(body)
     init = ir.assign(index, ir.const(0))
     _mark(init, body[0])
     body.insert(0, init)
+
+
+def _check_static_targets(body: list) -> None:
+    """Where a node's position is known when compiling (straight-line code before any loop
+    or branch holding nodes), a constant target before the first node is an error now."""
+    from propgen.errors import ConfigurationError
+
+    position = 0
+    for st in body:
+        site = getattr(st, "pg_node", None)
+        if site is not None:
+            t = site.target
+            if isinstance(t, gast.Constant) and isinstance(t.value, int) and (
+                    position + t.value < -1 or t.value >= 0):
+                raise ConfigurationError(
+                    getattr(st, "pg_loc", None),
+                    f"message target {t.value} from node {position}: the nodes before it are "
+                    f"0..{position - 1}",
+                    "use a negative relative target (-1 = the previous node) reaching a node "
+                    "recorded before this one")
+            position += 1
+        elif isinstance(st, (gast.If, gast.For, gast.While)) and any(
+                getattr(n, "pg_node", None) is not None for n in ir.walk(st)):
+            return
 
 
 def _mark(stmt: gast.AST, like: gast.AST) -> None:

@@ -874,3 +874,14 @@ def test_inverse_variance_weight_closed_forms():
     fac = Factored([(left, right), (right @ torch.ones(2, 3, dtype=F64), right)])
     full = full + torch.einsum("bi,bj->bij", right @ torch.ones(2, 3, dtype=F64), right)
     torch.testing.assert_close(fac.pooled_variance(), full.var(0).sum())
+
+
+def test_constant_target_outside_the_nodes_is_refused_when_compiling():
+    @pg.propagate
+    def f(manager, x):
+        x = manager.forward(x * 1.0)
+        x = manager.forward(x * 1.0, force_targets=-3)  # node 1: -3 reaches before the start
+        return x.sum(1)
+
+    with pytest.raises(ConfigurationError, match=r"test_propagate.py:\d+.*target -3"):
+        f(pg.PropagationManager(), torch.ones(2, 2))
