@@ -87,7 +87,9 @@ class _Splicer:
     def local(self, tmpl: Template, name: str) -> str:
         key = (tmpl.name, name)  # each template's locals are its own
         if key not in self.locals:
-            self.locals[key] = self.rev.ctx.fresh(f"{self.site.hint}_{name}")
+            # the same name on every pass over a loop body (the transform reverses it twice)
+            self.locals[key] = self.rev.temp(("node", id(self.site), tmpl.name, name),
+                                             f"{self.site.hint}_{name}")
         return self.locals[key]
 
     def channel(self, key: gast.AST, tmpl: Template) -> str:
@@ -180,7 +182,10 @@ class _Splicer:
         sub.tracked, sub.temps = rev.tracked, rev.temps  # an opaque call is recorded once
         sub.dprefix = "c_"
         sub.rebinds = rev.rebinds  # whether a name is bound before is a whole-function fact
-        seed = rev.ctx.fresh(f"{site.hint}_seed")
+        key = ("contribution", id(site), result)
+        names = rev.__dict__.setdefault("contribution_names", {}).setdefault(key, {})
+        sub.dnames = names  # stable names across passes over a loop body
+        seed = rev.temp(key, f"{site.hint}_seed")
         sub.dnames[x.id] = seed
         sub_state = {seed: _DEF}
         body: list = []
