@@ -107,6 +107,9 @@ class PropagationManager:
                 raise TypeError(f"manager.backward(loss) needs a tensor, not {type(loss)}")
             per_sample = _per_sample(loss)
             messages["local_loss"] = per_sample
+            baselined = lossprop.apply_baseline(per_sample) if per_sample is not None else None
+            if baselined is not None:
+                messages["baselined_loss"] = baselined
             if lossprop.lossgrad:
                 seeds = _seeds(tape, loss)
         for rec in reversed(tape):

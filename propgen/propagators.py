@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from propgen.templates import propagators as tp
 
 __all__ = [
@@ -180,17 +182,42 @@ class LossProp(Propagator):
     """A loss node: the per-sample cost at the call site (shape (B,) or (B, 1)) joins the
     ``local_loss`` message flowing backward (the cost-to-go the LR and TP nodes read) and, with
     ``lossgrad`` (the default), its batch mean is differentiated.  ``manager.backward(loss)``
-    appends one for the final loss."""
+    appends one for the final loss.
 
-    options = ("lossgrad",)
+    ``baseline`` ('loo', 'mean' or a function of the per-sample loss) also sends the
+    ``baselined_loss`` message, which LR and TP nodes without a baseline of their own use;
+    ``backprop`` is accepted for Proppo programs (propgen's gradient is sent by ``lossgrad``).
+    """
 
-    def __init__(self, lossgrad: bool = True) -> None:
+    options = ("lossgrad", "baseline")
+
+    def __init__(self, backprop: bool = True, lossgrad: bool = True, baseline: Any = None
+                 ) -> None:
         super().__init__()
+        self.backprop = bool(backprop)
         self.lossgrad = bool(lossgrad)
+        _baseline_part(baseline)
+        self.baseline = baseline
 
     def parts(self) -> list[Part]:
         back = tp.loss_backward if self.lossgrad else tp.loss_nograd_backward
-        return [Part(None, back)]
+        if self.baseline in (None, False, "none"):
+            return [Part(None, back)]
+        # backward runs parts in reverse: the loss joins the message, then the baseline
+        return [_baseline_part(self.baseline), Part(None, back)]
+
+    def apply_baseline(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """The ``baselined_loss`` message ``manager.backward`` sends with the final loss."""
+        b = self.baseline
+        if b in (None, False, "none"):
+            return None
+        if callable(b):
+            return loss - b(loss)
+        return loss - (tp.leave_one_out(loss) if b in (True, "loo") else tp.batch_mean(loss))
+
+    @property
+    def baseline_func(self) -> Callable | None:
+        return self.baseline if callable(self.baseline) else None
 
 
 class BaselineProp(Propagator):

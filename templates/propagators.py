@@ -138,7 +138,9 @@ def user_baseline_backward(output, x, site, baseline_func):
 
 
 def no_baseline_backward(output, x):
-    m["baselined_loss"] = m["local_loss"]
+    # no baseline of its own: a baseline the loss node subtracted, else the cost itself
+    if m["baselined_loss"] is None:
+        m["baselined_loss"] = m["local_loss"]
 
 
 # ------------------------------------------------------------------- message utilities
@@ -157,12 +159,14 @@ def loss_backward(output, x, site):
     # batch mean is differentiated
     cost = per_sample_loss(output, output, site)
     m["local_loss"] = cost + (0.0 if m["local_loss"] is None else m["local_loss"])
+    m["baselined_loss"] = None  # made from the old cost-to-go: earlier nodes redo it
     d[x] = d[output] + mean_gradient(output)
 
 
 def loss_nograd_backward(output, x, site):
     cost = per_sample_loss(output, output, site)
     m["local_loss"] = cost + (0.0 if m["local_loss"] is None else m["local_loss"])
+    m["baselined_loss"] = None
     d[x] = d[output]
 
 

@@ -885,3 +885,19 @@ def test_constant_target_outside_the_nodes_is_refused_when_compiling():
 
     with pytest.raises(ConfigurationError, match=r"test_propagate.py:\d+.*target -3"):
         f(pg.PropagationManager(), torch.ones(2, 2))
+
+
+def test_loss_node_baseline_serves_lr_nodes_without_their_own():
+    x, w1, _ = _params(20)
+    kw = dict(dist_class=Normal, dist_params=(0.0, 0.2))
+    grads = []
+    for prop, loss in ((pg.LRProp(**kw), None),
+                       (pg.LRProp(baseline=None, **kw), pg.LossProp(backprop=False,
+                                                                    lossgrad=False,
+                                                                    baseline="loo"))):
+        manager = pg.PropagationManager(prop, loss_propagator=loss)
+        w1.grad = None
+        torch.manual_seed(4)
+        manager.backward(noisy(manager, x, w1))
+        grads.append(w1.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
