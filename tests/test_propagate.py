@@ -112,16 +112,26 @@ def noisy(manager, x, w):
     return (h * h).sum(1)
 
 
-def test_rp_equals_autograd_through_the_same_noise():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rp_equals_autograd_through_the_same_noise(device, dtype):
     x, w1, _ = _params(4)
+    x = x.to(device, dtype)
+    w1 = w1.detach().to(device, dtype).requires_grad_()
     scale = 0.3
     manager = pg.PropagationManager(pg.RPProp(dist_class=Normal,
                                               dist_params={"loc": 0.0, "scale": scale}))
     torch.manual_seed(123)
     manager.backward(noisy(manager, x, w1))
+    assert w1.grad.device == w1.device and w1.grad.dtype == dtype
     torch.manual_seed(123)
     h = torch.tanh(x @ w1)
-    h = h + Normal(torch.tensor(0.0, dtype=F64), torch.tensor(scale, dtype=F64)).rsample(h.shape)
+    zero = torch.tensor(0.0, dtype=dtype, device=device)
+    h = h + Normal(zero, zero + scale).rsample(h.shape)
     ref = torch.autograd.grad((h * h).sum(1).mean(), w1)[0]
     torch.testing.assert_close(w1.grad, ref)
 
@@ -563,13 +573,14 @@ def one_node(manager, x, W):
     return ((h - 0.3) ** 2).sum(1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k_interval", [1, 3])
-def test_tp_weight_for_a_shared_weight_is_the_inverse_variance_formula(k_interval):
+def test_tp_weight_for_a_shared_weight_is_the_inverse_variance_formula(k_interval, device):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(64, 3, dtype=F64, generator=g)
-    W = torch.randn(3, 2, dtype=F64, generator=g).requires_grad_()
+    x = torch.randn(64, 3, dtype=F64, generator=g).to(device)
+    W = torch.randn(3, 2, dtype=F64, generator=g).to(device).requires_grad_()
     scale = 0.2
-    FIXED["noise"] = torch.randn(64, 2, dtype=F64, generator=g) * scale
+    FIXED["noise"] = (torch.randn(64, 2, dtype=F64, generator=g) * scale).to(device)
     manager = pg.PropagationManager(pg.TotalProp(dist_class=FixedNoise,
                                                  dist_params=(0.0, scale),
                                                  k_interval=k_interval))
