@@ -82,6 +82,10 @@ class PropagationManager:
             "@propgen.propagate; propgen compiles the call sites of such functions (decorate "
             "the function that calls manager.forward)")
 
+    def clear(self) -> None:
+        """Drop what the forward passes since the last backward recorded (and their memory)."""
+        self._tape = []
+
     @property
     def nodes(self) -> int:
         """How many decorated-function calls are recorded since the last backward."""
@@ -332,8 +336,11 @@ class PropagatedFunction:
         ns = loaded.namespace
         for name, b in loaded.compiled.configs.items():
             ns[name] = _config_value(_resolve_path(manager, b.source), b.key)
+        recording = torch.is_grad_enabled()  # under torch.no_grad(): evaluation, no tape
         with torch.no_grad():
             result, saved = loaded.forward(*values)
+        if not recording:
+            return result
         result = _expose(result)
         manager._tape.append(_Record(loaded, saved, result, values, wrt))
         return result
@@ -387,7 +394,8 @@ def _expose(result: Any) -> Any:
 def propagate(fn: Callable | None = None, *, registry: Registry | None = None) -> Any:
     """Decorate a function whose body calls ``manager.forward(x, ...)``.
 
-    Each call runs code generated for the manager's configuration and records it;
+    Each call runs code generated for the manager's configuration and records it (under
+    ``torch.no_grad()`` it only runs: nothing is recorded, as autograd records nothing);
     ``manager.backward(loss)`` then runs the generated backward.  ``propgen.source(fn,
     manager)`` returns the generated code.
     """

@@ -912,3 +912,17 @@ def test_loss_node_baseline_serves_lr_nodes_without_their_own():
         manager.backward(noisy(manager, x, w1))
         grads.append(w1.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_no_grad_calls_record_nothing_and_clear_frees_the_tape():
+    x, w1, _ = _params(21)
+    manager = pg.PropagationManager()
+    with torch.no_grad():
+        out = noisy(manager, x, w1)
+    assert manager.nodes == 0 and not out.requires_grad
+    torch.testing.assert_close(out, (torch.tanh(x @ w1) ** 2).sum(1).detach())
+    noisy(manager, x, w1)
+    assert manager.nodes == 1
+    manager.clear()
+    with pytest.raises(RuntimeError, match="nothing recorded"):
+        manager.backward(torch.zeros(8))
