@@ -168,16 +168,21 @@ class _Splicer:
         x = site.mapping.get("x")
         target = self.expr(tmpl, call.args[2])
         loc = getattr(self.s, "pg_loc", None)
+        from propgen.errors import ConfigurationError
+
         if not isinstance(target, gast.Name):
-            rev.fail(self.s, "a TotalProp node without an ivw_target",
-                     "pass ivw_target=t, a tensor of the computation with the batch first "
-                     "(e.g. t = beta.expand(B, 1) used in place of beta)")
+            raise ConfigurationError(
+                loc, f"{site.label} needs ivw_target, the tensor whose gradient variance "
+                "weighs its RP and LR messages",
+                "pass ivw_target=t at the call site or to the propagator: a parameter the code "
+                "before this node uses (W), or a per-sample view of one (beta.expand(B, 1))")
         segment = self.segment(target.id)
         act = analyse([], segment, [target.id], x)
         if not isinstance(x, gast.Name) or x.id not in act.varied:
-            rev.fail(self.s, f"an ivw_target ({_user(target.id)}) that does not reach this node",
-                     "the target must be used in the code between the previous node (or the "
-                     "start of the loop body or function) and this one")
+            raise ConfigurationError(
+                loc, f"the ivw_target ({target.id}) does not reach this node",
+                "use as target a tensor the code between the previous node (or the start of "
+                "the loop body or function) and this one uses")
         sub = Reverse(rev.ctx, rev.name, [], segment, [target.id], act, [])
         sub.tracked, sub.temps = rev.tracked, rev.temps  # an opaque call is recorded once
         sub.dprefix = "c_"
@@ -414,10 +419,6 @@ def _is_intrinsic(node: Any, tmpl: Template, name: str) -> bool:
 
     return (isinstance(node, gast.Call) and isinstance(node.func, gast.Name)
             and tmpl.globals.get(node.func.id) is getattr(template, name))
-
-
-def _user(name: str) -> str:
-    return name
 
 
 def _per_sample(stmt: gast.AST, d_t: str, t: str, rev: Reverse) -> gast.AST:

@@ -619,7 +619,7 @@ def test_gaussian_shaping_is_unbiased_for_a_quadratic_cost(default, shape):
     for _ in range(300):
         theta.grad = None
         if opts:
-            with pytest.raises(pg.UnsupportedSyntaxError, match="ivw_target"):
+            with pytest.raises(ConfigurationError, match="needs ivw_target"):
                 gaussian_cost(manager, theta, 64)  # TotalProp needs a target
             return
         manager.backward(gaussian_cost(manager, theta, 64))
