@@ -309,7 +309,8 @@ class PropagatedFunction:
                     if isinstance(v, torch.Tensor) and v.requires_grad)
         spec = tuple(_flags(v) for v in values)
         key = ("propagate", self.fn.__code__, self.fn.__code__.co_filename,
-               manager.structure(), spec, self.registry.version, _leaf_signature(self.fn))
+               manager.structure(), spec, self.registry.version, _leaf_signature(self.fn),
+               self._shared_tensors(manager, values))
         loaded = self.variants.get(key)
         if loaded is None:
             compiled = _cached(self.registry, key)
@@ -324,6 +325,27 @@ class PropagatedFunction:
                     self.registry.compiled[key] = compiled
             loaded = self.variants[key] = _Loaded(self.fn, compiled)
         return loaded, wrt
+
+    def _shared_tensors(self, manager: PropagationManager, values: list) -> tuple:
+        """Which propagator defaults are tensors the program also reads (an argument, a
+        closure cell or a global): the generated code reads them there."""
+        code = self.fn.__code__
+        free = {n: c.cell_contents for n, c in zip(code.co_freevars, self.fn.__closure__ or ())
+                if _filled(c)}
+        out = []
+        for name, prop in [("", manager.default_propagator), *manager.propagators.items()]:
+            for k, v in prop.defaults.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                where = next((i for i, a in enumerate(values) if a is v), None)
+                if where is None:
+                    where = next((n for n, a in free.items() if a is v), None)
+                if where is None:
+                    where = next((n for n in code.co_names
+                                  if self.fn.__globals__.get(n) is v), None)
+                if where is not None:
+                    out.append((name, k, where))
+        return tuple(out)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         bound = self.signature.bind(*args, **kwargs)
@@ -365,6 +387,14 @@ class PropagatedFunction:
 
     def __repr__(self) -> str:
         return f"<propgen propagated function {self.fn.__qualname__}>"
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 def _flags(v: Any) -> Any:

@@ -133,7 +133,8 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
         if k in atoms:
             mapping[k] = ir.clone(atoms[k])
         elif k in prop.defaults:
-            mapping[k] = ir.name(ctx.propagation.config_binding(prop, k))
+            mapping[k] = _program_name(ctx, prop.defaults[k]) or ir.name(
+                ctx.propagation.config_binding(prop, k))
         else:
             mapping[k] = ir.const(None)
     for opt in prop.options:  # structural options the templates read (k_interval, ...)
@@ -195,6 +196,20 @@ def _local_propagator(nz: Normalizer, node: gast.AST, manager: Any) -> Any:
         nz.fail(node, "a local_propagator that is not known when compiling",
                 "pass a registered name (a string) or a propagator bound outside the function")
     return value
+
+
+def _program_name(ctx: Any, value: Any) -> gast.Name | None:
+    """The program's own name for a tensor given to a propagator (``ivw_target=expanded_beta``
+    in the constructor, with ``expanded_beta`` also an argument or a global of the program):
+    TotalProp must see the tensor where the program uses it."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return None
+    for name, v in ctx.samples.items():
+        if v is value:
+            return ir.name(name)
+    return None
 
 
 def _reads_output_grad(tmpl: Template) -> bool:

@@ -36,6 +36,7 @@ __all__ = [
     "check_finite",
     "remaining",
     "opaque_grad",
+    "configuration_error",
 ]
 
 
@@ -454,3 +455,11 @@ def remaining(mail: dict, messages: dict) -> dict:
     for name, value in mail.get(0, {}).items():
         messages[name] = value if messages.get(name) is None else messages[name] + value
     return messages
+
+
+def configuration_error(message: str) -> Any:
+    """Raise the error the compiler found for a node that only matters if it runs (a node in
+    a branch may never run, so the program compiles and the error waits for it)."""
+    from propgen.errors import ConfigurationError
+
+    raise ConfigurationError(None, message, "")

@@ -171,18 +171,18 @@ class _Splicer:
         from propgen.errors import ConfigurationError
 
         if not isinstance(target, gast.Name):
-            raise ConfigurationError(
+            return self.deferred(result, ConfigurationError(
                 loc, f"{site.label} needs ivw_target, the tensor whose gradient variance "
                 "weighs its RP and LR messages",
                 "pass ivw_target=t at the call site or to the propagator: a parameter the code "
-                "before this node uses (W), or a per-sample view of one (beta.expand(B, 1))")
+                "before this node uses (W), or a per-sample view of one (beta.expand(B, 1))"))
         segment = self.segment(target.id)
         act = analyse([], segment, [target.id], x)
         if not isinstance(x, gast.Name) or x.id not in act.varied:
-            raise ConfigurationError(
+            return self.deferred(result, ConfigurationError(
                 loc, f"the ivw_target ({target.id}) does not reach this node",
                 "use as target a tensor the code between the previous node (or the start of "
-                "the loop body or function) and this one uses")
+                "the loop body or function) and this one uses"))
         sub = Reverse(rev.ctx, rev.name, [], segment, [target.id], act, [])
         sub.tracked, sub.temps = rev.tracked, rev.temps  # an opaque call is recorded once
         sub.dprefix = "c_"
@@ -231,7 +231,14 @@ class _Splicer:
         value = ir.name(d_t) if d_t and sub_state.get(d_t) else None
         if value is None:
             raise AssertionError(f"{loc}: contribution lost")  # excluded by the check above
-        body = [_per_sample(st, d_t, target.id, rev) for st in body]
+        # copies of the target (an inlined function's parameter) accumulate for it too
+        aliases = {target.id}
+        for st in segment:
+            if isinstance(st.value, gast.Name) and st.value.id in aliases:
+                aliases.add(st.targets[0].id)
+        alias_d = {sub.dnames[a]: a for a in aliases if a in sub.dnames}
+        for d_a, a in alias_d.items():
+            body = [_per_sample(st, d_a, a, rev) for st in body]
         from propgen import runtime
 
         via_autograd = {n.id for st in body if isinstance(st, gast.Assign)
@@ -239,7 +246,8 @@ class _Splicer:
                         and getattr(rev.ctx.namespace.get(st.value.func.id), "value", None)
                         is runtime.opaque_grad
                         for n in ir.walk(st.targets[0]) if isinstance(n, gast.Name)}
-        if not all(_per_sample_form(st, d_t, rev, via_autograd) for st in body):
+        if not all(_per_sample_form(st, d_a, rev, via_autograd | set(alias_d))
+                   for st in body for d_a in alias_d):
             return self.vmap_fallback(segment, target.id, x.id, g, result)
         return [ir.assign(seed, g)] + body + [ir.assign(result, value)]
 
@@ -294,25 +302,53 @@ class _Splicer:
         rev.ctx.used.add(fname)
         return [ir.assign(result, call)]
 
+    def deferred(self, result: str, error: Exception) -> list:
+        """The error of a node that cannot work as configured, raised if the node runs: at
+        the top level of the function it is raised now; in a branch or loop, which may not
+        run, the generated code raises it (naming the call site) when it does."""
+        block, _ = self.rev.node_chain(self.site.first_stmt)[-1]
+        if block is self.rev.body and len(self.rev.node_chain(self.site.first_stmt)) == 1:
+            raise error
+        call = gast.Call(func=self.rev.rt("configuration_error"), args=[ir.const(str(error))],
+                         keywords=[])
+        return [ir.assign(result, call)]
+
     def segment(self, target: str) -> list:
-        block, index = self.rev.node_block(self.site.first_stmt)
-        start = 0
-        for i, st in enumerate(block[:index]):
-            if getattr(st, "pg_node", None) is not None or (
-                isinstance(st, gast.Assign) and isinstance(st.targets[0], gast.Name)
-                and st.targets[0].id == target
-            ):
-                start = i + 1
-        out = []
-        for st in block[start:index]:
-            if isinstance(st, gast.Assign) and isinstance(st.targets[0], gast.Name):
-                out.append(st)
-            elif isinstance(st, (gast.If, gast.For, gast.While)):
-                self.rev.fail(self.s, "a TotalProp node whose input is computed with a loop or "
-                              "a branch since the previous node",
-                              "compute the node's input with straight-line code, or use a "
-                              "node (e.g. propgen.Propagator()) before the loop or branch")
+        """The straight-line statements between the previous node (or the start of the loop
+        body or function) and this node; from inside a branch, the statements before the
+        branch count too (its test computes no gradient)."""
+        out: list = []
+        for block, index in self.rev.node_chain(self.site.first_stmt):
+            start, stop = 0, False
+            for i, st in enumerate(block[:index]):
+                if _holds_node(st) or (
+                    isinstance(st, gast.Assign) and isinstance(st.targets[0], gast.Name)
+                    and st.targets[0].id == target
+                ):
+                    start, stop = i + 1, True
+            part = []
+            for st in block[start:index]:
+                if isinstance(st, gast.Assign) and isinstance(st.targets[0], gast.Name):
+                    part.append(st)
+                elif isinstance(st, (gast.If, gast.For, gast.While)) and _assigns(st):
+                    self.rev.fail(self.s, "a TotalProp node whose input is computed with a "
+                                  "loop or a branch since the previous node",
+                                  "compute the node's input with straight-line code, or use a "
+                                  "node (e.g. propgen.Propagator()) before the loop or branch")
+            out = part + out
+            if stop:
+                break
         return out
+
+
+def _holds_node(st: gast.AST) -> bool:
+    return any(getattr(n, "pg_node", None) is not None for n in ir.walk(st))
+
+
+def _assigns(st: gast.AST) -> bool:
+    """Whether a compound statement assigns anything but bookkeeping (an if's copied test)."""
+    return any(isinstance(n, gast.Assign) and not getattr(n, "pg_nograd", False)
+               for n in ir.walk(st))
 
 
 class _Subst(gast.NodeTransformer):

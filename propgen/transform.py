@@ -240,6 +240,28 @@ class Reverse:
         del state[d]
         return [ir.assign(d, ir.const(None))]
 
+    def node_chain(self, stmt_id: int) -> list[tuple[list, int]]:
+        """(block, index) from the statement's own block out through enclosing ``if``
+        statements, stopping at a loop body or the function body."""
+        def find(block: list) -> list | None:
+            for i, st in enumerate(block):
+                if id(st) == stmt_id:
+                    return [(block, i)]
+                for attr in ("body", "orelse"):
+                    inner = getattr(st, attr, None)
+                    if isinstance(inner, list):
+                        hit = find(inner)
+                        if hit is not None:
+                            if isinstance(st, gast.If):
+                                return hit + [(block, i)]
+                            return hit
+            return None
+
+        chain = find(self.body)
+        if chain is None:
+            raise AssertionError("a node's statements are not in the function body")
+        return chain
+
     def node_block(self, stmt_id: int) -> tuple[list, int]:
         """The block holding the statement with ``id(stmt) == stmt_id``, and its index."""
         def find(block: list) -> tuple[list, int] | None:

@@ -210,14 +210,16 @@ def per_sample_vjp(segment: Any, target: torch.Tensor, g: torch.Tensor, inputs: 
     batch = g.shape[0]
     dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
                  else None for a in inputs)
+    own = target.dim() > 0 and target.shape[0] == batch  # a per-sample target: map it too
 
-    def one(gi: torch.Tensor, *ins: Any) -> torch.Tensor:
+    def one(gi: torch.Tensor, ti: torch.Tensor, *ins: Any) -> torch.Tensor:
         ins = tuple(i.unsqueeze(0) if d == 0 else i for i, d in zip(ins, dims))
-        _, pull = vjp(lambda tt: segment(tt, *ins), target)
-        return pull(gi.unsqueeze(0))[0]
+        _, pull = vjp(lambda tt: segment(tt, *ins), ti.unsqueeze(0) if own else ti)
+        got = pull(gi.unsqueeze(0))[0]
+        return got.squeeze(0) if own else got
 
     with torch.enable_grad():
-        return vmap(one, in_dims=(0,) + dims)(g, *inputs)
+        return vmap(one, in_dims=(0, 0 if own else None) + dims)(g, target, *inputs)
 
 
 def per_sample_unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:

@@ -926,3 +926,38 @@ def test_no_grad_calls_record_nothing_and_clear_frees_the_tape():
     manager.clear()
     with pytest.raises(RuntimeError, match="nothing recorded"):
         manager.backward(torch.zeros(8))
+
+
+@pg.propagate
+def via_mm(manager, x, W, ones, beta):
+    b = beta.expand(x.shape[0], 1)
+    for _ in range(3):
+        x = torch.sigmoid(torch.mm(b, ones) * (x @ W))  # b's adjoint through mm: torch.func
+        x = manager.forward(x, ivw_target=b)
+    return ((x - 0.5) ** 2).sum(1)
+
+
+@pg.propagate
+def via_mul(manager, x, W, ones, beta):
+    b = beta.expand(x.shape[0], 1)
+    for _ in range(3):
+        x = torch.sigmoid(b * (x @ W))
+        x = manager.forward(x, ivw_target=b)
+    return ((x - 0.5) ** 2).sum(1)
+
+
+def test_torch_func_fallback_for_a_per_sample_target():
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(2, 2, dtype=F64, generator=g)
+    x0 = torch.rand(40, 2, dtype=F64, generator=g)
+    beta = torch.tensor([1.3], dtype=F64, requires_grad=True)
+    ones = torch.ones(1, 2, dtype=F64)
+    manager = pg.PropagationManager(pg.TotalProp(dist_class=Normal, dist_params=(0.0, 0.05)))
+    out = []
+    for f in (via_mm, via_mul):
+        beta.grad = None
+        torch.manual_seed(2)
+        manager.backward(f(manager, x0, W, ones, beta))
+        out.append(beta.grad.clone())
+    torch.testing.assert_close(out[0], out[1])
+    assert "per_sample_vjp" in pg.source(via_mm, manager)
