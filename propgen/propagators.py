@@ -255,7 +255,14 @@ class SkipProp(Propagator):
 class PauseProp(Propagator):
     """Collects every gradient reaching its output before sending their sum on.  A compiled
     backward always sums a value's gradients before differentiating through it, so this is
-    the identity node; it exists so Proppo programs run unchanged."""
+    the identity node; it exists so Proppo programs run unchanged (``backprop`` as in
+    :class:`RPProp`)."""
+
+    options = ("backprop",)
+
+    def __init__(self, backprop: bool = True) -> None:
+        super().__init__()
+        self.backprop = bool(backprop)
 
 
 class SumProp(Propagator):

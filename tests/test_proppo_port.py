@@ -79,3 +79,48 @@ def test_the_four_configuration_styles_agree(kind):
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0])
     assert torch.isfinite(grads[0]).all()
+
+
+@pg.propagate
+def two_paths(manager, s, W, expanded, horizon, pause):
+    for _ in range(horizon):
+        side = 2 * s + 0.02  # a second path around the node
+        s = layer(s, W, expanded)
+        s = manager.forward(s)
+        if pause:
+            side = manager.forward(side, local_propagator="pause")
+        s = (side + s) / 2
+    return (0.5 * (1.0 - s) ** 2).sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("kind", ["RP", "LR", "TP"])
+def test_a_path_around_the_nodes_with_and_without_pause(kind):
+    W = torch.randn(2, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    beta = torch.tensor([0.8], dtype=F64, requires_grad=True)
+    batch = 100
+    expanded = beta.expand(batch, *beta.shape)
+    s0 = torch.rand(batch, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    s0.requires_grad_()  # the initial state is differentiated too
+    grads = []
+    for pause in (False, True):
+        manager = make_manager(kind, 4, expanded)
+        manager.add_propagator(name="pause", propagator=pg.PauseProp(backprop=False))
+        manager.loss_propagator = pg.LossProp()  # the side path needs the loss gradient
+        beta.grad, s0.grad = None, None
+        torch.manual_seed(5)
+        manager.backward(two_paths(manager, s0, W, expanded, 6, pause))
+        grads.append((beta.grad.clone(), s0.grad.clone()))
+    # a pause node is the identity: the same noise gives the same gradients
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    if kind == "RP":  # against autograd through the same noise
+        torch.manual_seed(5)
+        s = s0
+        for _ in range(6):
+            side = 2 * s + 0.02
+            s = layer(s, W, expanded)
+            s = s + zero_mean(s)["scale"] * torch.empty_like(s).normal_()
+            s = (side + s) / 2
+        ref = torch.autograd.grad((0.5 * (1.0 - s) ** 2).sum(1).mean(), [beta, s0])
+        torch.testing.assert_close(grads[0][0], ref[0])
+        torch.testing.assert_close(grads[0][1], ref[1])
