@@ -6,7 +6,12 @@ breakpoints bind in it.
 """
 
 from propgen.api import adjoint, grad, insert_grad_of, source
-from propgen.errors import PropgenError, UnresolvedNameError, UnsupportedSyntaxError
+from propgen.errors import (
+    ConfigurationError,
+    PropgenError,
+    UnresolvedNameError,
+    UnsupportedSyntaxError,
+)
 from propgen.manager import PropagationManager, propagate
 from propgen.propagators import (
     BackPropagator,
@@ -63,4 +68,5 @@ __all__ = [
     "UnsupportedSyntaxError",
     "UnresolvedNameError",
     "PropgenError",
+    "ConfigurationError",
 ]

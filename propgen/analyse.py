@@ -181,9 +181,9 @@ def analyse(params: list[str], body: list, seeds: list[str], ret: gast.AST) -> A
         if getattr(stmt, "pg_node_output", False):
             if stmt.targets[0].id in varied:
                 useful.add(stmt.targets[0].id)
-            x = getattr(stmt, "pg_node_input", None)
-            if x is not None and x in varied:
-                useful.add(x)
+            for x in getattr(stmt, "pg_node_input", None) or []:
+                if x in varied:
+                    useful.add(x)
     changed = True
     while changed:
         changed = False

@@ -156,11 +156,18 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
     backward = [_template(p.backward, cache) for p in reversed(parts) if p.backward is not None]
     # a node whose backward never reads d[output] (LR) cuts the path: nothing downstream needs
     # a gradient for it, while its input still gets one from the node
+    # what the node sends gradients to: its input, and the noise parameters when the program
+    # computed them (d[dist_params] in the templates)
+    sent = [mapping[p].id for p in _sent_params(backward)
+            if isinstance(mapping.get(p), gast.Name) and mapping[p].id not in ctx.namespace]
+    sent = [x.id] + [n for n in sent if n != getattr(x, "id", None)] if isinstance(
+        x, gast.Name) else sent
     if not any(_reads_output_grad(t) for t in backward):
         nz.out[-1].value.pg_callee.sources = []
     else:  # (GS) the gradient at the output is wanted even if nothing upstream varies
+        nz.out[-1].value.pg_callee.sources = sent
         nz.out[-1].pg_node_reads_grad = True
-    nz.out[-1].pg_node_input = x.id if isinstance(x, gast.Name) else None
+    nz.out[-1].pg_node_input = sent
     mapping["output"] = ir.name(out)
     send = getattr(prop, "backprop", True) or manager.terminal_propagator is not None
     site = NodeSite(prop.label, loc.short, backward, mapping, out, x, send, id(first), hint, target,
@@ -210,6 +217,19 @@ def _program_name(ctx: Any, value: Any) -> gast.Name | None:
         if v is value:
             return ir.name(name)
     return None
+
+
+def _sent_params(templates: list) -> list:
+    """Template parameters the backward templates send gradients to (``d[p] = ...``)."""
+    out: list = []
+    for tmpl in templates:
+        for st in tmpl.body:
+            for n in ir.walk(st):
+                if (isinstance(n, gast.Assign) and isinstance(n.targets[0], gast.Subscript)
+                        and isinstance(n.targets[0].slice, gast.Name)
+                        and n.targets[0].slice.id not in out):
+                    out.append(n.targets[0].slice.id)
+    return out
 
 
 def _reads_output_grad(tmpl: Template) -> bool:

@@ -117,6 +117,63 @@ def location_score(dist: Any, noise: torch.Tensor) -> torch.Tensor:
     return -score
 
 
+def _gaussian_params(dist_params: Any, dist: Any) -> list:
+    """(key, which) pairs of a Normal's dist_params: which is 'loc' or 'scale'."""
+    if not isinstance(dist, Gaussian):
+        raise NotImplementedError(
+            "gradients reach the noise distribution's parameters (they are computed from "
+            f"differentiated values), which propgen supports for Normal only, not {dist!r}")
+    if isinstance(dist_params, dict):
+        return [(k, k) for k in dist_params]
+    return list(zip(range(len(dist_params)), ("loc", "scale")))
+
+
+def _like_params(dist_params: Any, grads: dict) -> Any:
+    if isinstance(dist_params, dict):
+        return {k: grads.get(k) for k in dist_params}
+    return type(dist_params)(grads.get(i) for i in range(len(dist_params)))
+
+
+def _reduce_to(g: torch.Tensor, p: Any) -> Any:
+    if not isinstance(p, torch.Tensor):
+        return None
+    return g.sum_to_size(p.shape) if g.shape != p.shape else g
+
+
+def pathwise_params_grad(dist_params: Any, dist: Any, noise: torch.Tensor,
+                         g: torch.Tensor) -> Any:
+    """Gradients of loc and scale through noise = loc + scale * eps (eps held fixed), shaped
+    like ``dist_params``: d loc = g, d scale = g * eps, each summed to its parameter's shape."""
+    grads = {}
+    for key, which in _gaussian_params(dist_params, dist):
+        value = dist_params[key]
+        if which == "loc":
+            grads[key] = _reduce_to(g, value)
+        else:
+            grads[key] = _reduce_to(g * (noise - dist.loc) / dist.scale, value)
+    return _like_params(dist_params, grads)
+
+
+def score_params_grad(dist_params: Any, dist: Any, noise: torch.Tensor,
+                      weight: torch.Tensor) -> Any:
+    """Likelihood-ratio gradients of loc and scale: weight * d log N(noise; loc, scale), with
+    d/dloc = (noise - loc) / scale^2 and d/dscale = ((noise - loc)^2 - scale^2) / scale^3."""
+    grads = {}
+    for key, which in _gaussian_params(dist_params, dist):
+        value = dist_params[key]
+        z = (noise - dist.loc) / dist.scale
+        local = z / dist.scale if which == "loc" else (z * z - 1.0) / dist.scale
+        grads[key] = _reduce_to(weight * local, value)
+    return _like_params(dist_params, grads)
+
+
+def mix_params_grads(k: torch.Tensor, lr: Any, rp: Any) -> Any:
+    """k * lr + (1 - k) * rp, entry by entry (None where a parameter gets no gradient)."""
+    keys = lr.keys() if isinstance(lr, dict) else range(len(lr))
+    out = {key: None if lr[key] is None else k * lr[key] + (1 - k) * rp[key] for key in keys}
+    return out if isinstance(lr, dict) else type(lr)(out[i] for i in keys)
+
+
 def per_sample_loss(loss: Any, like: torch.Tensor, site: str) -> torch.Tensor:
     """The per-sample cost arriving at a node, checked against the node's batch size."""
     if loss is None:

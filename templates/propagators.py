@@ -32,9 +32,12 @@ from propgen.templates.estimators import (
     location_score,
     make_distribution,
     mean_gradient,
+    mix_params_grads,
+    pathwise_params_grad,
     per_row_dot,
     per_sample_loss,
     sample_like,
+    score_params_grad,
     standard_normal_like,
 )
 
@@ -60,9 +63,11 @@ def rp_forward(x, dist_class, dist_params):
     return x + noise
 
 
-def rp_backward(output, x):
-    # the node is x + noise with the noise held fixed: the gradient passes unchanged
+def rp_backward(output, x, dist_params, dist, noise):
+    # the node is x + loc + scale * eps with eps held fixed: the gradient passes unchanged to
+    # x, and reaches loc and scale when the program computed them (a learned noise model)
     d[x] = d[output]
+    d[dist_params] = pathwise_params_grad(dist_params, dist, noise, d[output])
 
 
 # ------------------------------------------------------------------ likelihood ratio (LR)
@@ -75,10 +80,12 @@ def lr_forward(x, dist_class, dist_params):
     return x + noise
 
 
-def lr_backward(output, x, score, site):
+def lr_backward(output, x, score, site, dist_params, dist, noise):
     # score-function gradient of the batch mean: score * (cost - baseline) / B
     cost = per_sample_loss(m["baselined_loss"], score, site)
-    d[x] = score * batch_weights(cost, score)
+    weight = batch_weights(cost, score)
+    d[x] = score * weight
+    d[dist_params] = score_params_grad(dist_params, dist, noise, weight)
 
 
 # ----------------------------------------------------------------- total propagation (TP)
@@ -91,22 +98,27 @@ def tp_forward(x, dist_class, dist_params, ivw_target):
     return x + noise
 
 
-def tp_backward(output, x, score, ivw_target, site):
+def tp_backward(output, x, score, ivw_target, site, dist_params, dist, noise):
     cost = per_sample_loss(m["baselined_loss"], score, site)
+    weight = batch_weights(cost, score)
     g_rp = d[output]
-    g_lr = score * batch_weights(cost, score)
+    g_lr = score * weight
     c_rp = contribution(g_rp, x, ivw_target)
     c_lr = contribution(g_lr, x, ivw_target)
     k_lr = inverse_variance_weight(c_rp, c_lr, batch_size(x))
     d[x] = k_lr * g_lr + (1 - k_lr) * g_rp
+    d[dist_params] = mix_params_grads(k_lr, score_params_grad(dist_params, dist, noise, weight),
+                                      pathwise_params_grad(dist_params, dist, noise, g_rp))
 
 
-def tp_reuse_backward(output, x, score, ivw_target, site, k_interval):
+def tp_reuse_backward(output, x, score, ivw_target, site, k_interval, dist_params, dist,
+                      noise):
     # k_interval > 1: the mixing weight is recomputed at every k_interval-th node visited in
     # the backward pass and reused, sent as a message, for the nodes in between
     cost = per_sample_loss(m["baselined_loss"], score, site)
+    weight = batch_weights(cost, score)
     g_rp = d[output]
-    g_lr = score * batch_weights(cost, score)
+    g_lr = score * weight
     k_lr = m["k_lr"]
     k_count = m["k_count"]
     if k_lr is None or k_count % k_interval == 0:
@@ -117,6 +129,8 @@ def tp_reuse_backward(output, x, score, ivw_target, site, k_interval):
     m["k_lr"] = k_lr
     m["k_count"] = k_count + 1
     d[x] = k_lr * g_lr + (1 - k_lr) * g_rp
+    d[dist_params] = mix_params_grads(k_lr, score_params_grad(dist_params, dist, noise, weight),
+                                      pathwise_params_grad(dist_params, dist, noise, g_rp))
 
 
 # --------------------------------------------------------------------------- baselines

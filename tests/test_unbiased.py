@@ -73,3 +73,46 @@ def test_tp_is_no_worse_than_its_parts():
     # inverse-variance weighting of two unbiased estimators: at most the smaller variance
     # (up to the noise of estimating the weights from one batch)
     assert (tp.var(0) <= 1.5 * torch.minimum(rp.var(0), lr.var(0))).all()
+
+
+@pg.propagate
+def learned_noise(manager, x, log_sigma):
+    sigma = torch.exp(log_sigma)  # the program computes the noise scale (a noise model)
+    h = manager.forward(x * 1.0, dist_class=Normal,
+                        dist_params={"loc": torch.zeros_like(x), "scale": sigma})
+    return (h ** 2).sum(1)
+
+
+@pytest.mark.parametrize("prop", [pg.RPProp(), pg.LRProp(), pg.TotalProp()],
+                         ids=["RP", "LR", "TP"])
+def test_gradients_reach_a_computed_noise_scale(prop):
+    # h = x + sigma * eps: E[h^2] = x^2 + sigma^2, so d/dlog_sigma E = 2 sigma^2 per element
+    x = torch.full((B, 2), 0.5, dtype=F64)
+    log_sigma = torch.tensor([-0.5, 0.3], dtype=F64, requires_grad=True)
+    manager = pg.PropagationManager(prop)
+    torch.manual_seed(3)
+    runs = []
+    for _ in range(R):
+        log_sigma.grad = None
+        if isinstance(prop, pg.TotalProp):  # no target: the weights need one
+            with pytest.raises(pg.ConfigurationError, match="needs ivw_target"):
+                learned_noise(manager, x, log_sigma)
+            return
+        manager.backward(learned_noise(manager, x, log_sigma))
+        runs.append(log_sigma.grad.clone())
+    est = torch.stack(runs)
+    truth = 2 * torch.exp(log_sigma.detach()) ** 2
+    se = est.std(0) / R ** 0.5
+    assert ((est.mean(0) - truth).abs() < 4 * se + 1e-12).all(), (est.mean(0), truth, se)
+
+
+def test_rp_through_a_computed_noise_scale_equals_autograd():
+    x = torch.randn(B, 2, dtype=F64)
+    log_sigma = torch.tensor([-0.5, 0.3], dtype=F64, requires_grad=True)
+    manager = pg.PropagationManager(pg.RPProp())
+    torch.manual_seed(4)
+    manager.backward(learned_noise(manager, x, log_sigma))
+    torch.manual_seed(4)
+    h = x + Normal(torch.zeros_like(x), torch.exp(log_sigma)).rsample()
+    ref = torch.autograd.grad((h ** 2).sum(1).mean(), log_sigma)[0]
+    torch.testing.assert_close(log_sigma.grad, ref)
