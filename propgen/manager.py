@@ -71,7 +71,8 @@ class PropagationManager:
         """What generated code depends on (propagator classes and options, not values)."""
         return (self.default_propagator.structure(),
                 tuple((k, p.structure()) for k, p in sorted(self.propagators.items())),
-                self.terminal_propagator is None, self.check_nan)
+                self.terminal_propagator is None, self.check_nan,
+                self.loss_propagator.structure() if self.loss_propagator else None)
 
     def forward(self, x: Any, **kwargs: Any) -> Any:
         """Only meaningful inside a function decorated with ``@propgen.propagate``."""

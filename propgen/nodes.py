@@ -73,7 +73,9 @@ def expand_node(nz: Normalizer, e: gast.Call, hint: str, manager: Any) -> gast.A
     """Inline the call site's propagator; returns the atom holding the node output."""
     ctx = nz.ctx
     label = f"{ir.attr_chain(e.func) and '.'.join(ir.attr_chain(e.func))}"
-    if e.func.attr != "forward":
+    if e.func.attr == "append_loss" and ctx.propagation is not None:
+        e = _append_loss_call(nz, e, manager)
+    elif e.func.attr != "forward":
         nz.fail(e, f"the manager method {label}() inside a propagated function",
                 "call manager.forward(x, ...) here, and manager.backward(loss) after the "
                 "function returns")
@@ -186,6 +188,40 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
     return ir.name(out)
 
 
+def _append_loss_call(nz: Normalizer, e: gast.Call, manager: Any) -> gast.Call:
+    """``manager.append_loss(x, lossfunc=f, loss_propagator=p)`` (Proppo's spelling of a loss
+    node) as ``manager.forward(f(x), local_propagator=p)``; a dict ``x`` is passed as keyword
+    arguments, and the manager's loss propagator serves when none is given."""
+    if len(e.args) != 1:
+        nz.fail(e, "manager.append_loss with other than one positional argument",
+                "write manager.append_loss(x, lossfunc=f)")
+    value = e.args[0]
+    rest = []
+    prop_node = None
+    for k in e.keywords:
+        if k.arg == "lossfunc":
+            if isinstance(value, gast.Dict) and all(
+                    isinstance(key, gast.Constant) for key in value.keys):
+                kws = [gast.keyword(arg=key.value, value=v)
+                       for key, v in zip(value.keys, value.values)]
+                value = gast.Call(func=k.value, args=[], keywords=kws)
+            else:
+                value = gast.Call(func=k.value, args=[value], keywords=[])
+        elif k.arg == "loss_propagator":
+            prop_node = k.value
+        else:
+            rest.append(k)
+    if prop_node is None:
+        prop = manager.loss_propagator or manager.default_propagator.loss_propagator()
+        ns = nz.ctx.bind("value", None, f"loss_propagator_{id(prop)}", prop, "loss_propagator")
+        prop_node = ir.name(ns)
+        nz.ctx.samples[ns] = prop
+    call = gast.Call(func=gast.Attribute(value=e.func.value, attr="forward", ctx=gast.Load()),
+                     args=[value], keywords=rest + [gast.keyword(arg="local_propagator",
+                                                                  value=prop_node)])
+    return ir.copy_anno(call, e)
+
+
 def _local_propagator(nz: Normalizer, node: gast.AST, manager: Any) -> Any:
     from propgen.propagators import Propagator
 
@@ -197,6 +233,8 @@ def _local_propagator(nz: Normalizer, node: gast.AST, manager: Any) -> Any:
                    f"propagator); registered: {sorted(manager.propagators)}")
         return prop
     value = nz.sample_value(node)
+    if not isinstance(value, Propagator) and isinstance(node, gast.Name):
+        value = nz.ctx.samples.get(node.id)  # (a loss propagator bound by append_loss)
     if not isinstance(value, Propagator):
         value = nz.static_value(node) if isinstance(node, (gast.Name, gast.Attribute)) else None
     if not isinstance(value, Propagator):

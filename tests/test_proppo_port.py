@@ -124,3 +124,85 @@ def test_a_path_around_the_nodes_with_and_without_pause(kind):
         ref = torch.autograd.grad((0.5 * (1.0 - s) ** 2).sum(1).mean(), [beta, s0])
         torch.testing.assert_close(grads[0][0], ref[0])
         torch.testing.assert_close(grads[0][1], ref[1])
+
+
+def quadratic_cost(obs, act):
+    # (LR's loss nodes send no pathwise gradient, as in Proppo: a cost that depended on the
+    # action directly would add a term only RP sees)
+    return (obs ** 2).sum(1) + 0.0 * (act ** 2).sum(1)
+
+
+class Policy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1).double()
+
+    def forward(self, obs):
+        return torch.tanh(self.lin(obs))
+
+
+@pg.propagate
+def simulate(manager, obs, policy, A, horizon):
+    """A model-based rollout in the style of PIPPS: a noisy model whose noise scale the
+    program computes, costs appended at every step with manager.append_loss."""
+    total = 0.0
+    act = policy(obs)
+    for _ in range(horizon):
+        mean = torch.tanh(obs @ A) + 0.5 * act
+        scale = 0.05 + 0.1 * torch.sigmoid(mean)  # state-dependent noise
+        obs = manager.forward(obs + mean, dist_class=Normal,
+                              dist_params={"loc": torch.zeros_like(obs), "scale": scale})
+        act = policy(obs)
+        cost = manager.append_loss({"obs": obs, "act": act}, lossfunc=quadratic_cost)
+        total = total + cost.view(-1, 1)
+    return total
+
+
+def simulate_reference(obs, policy, A, horizon):
+    total = 0.0
+    act = policy(obs)
+    for _ in range(horizon):
+        mean = torch.tanh(obs @ A) + 0.5 * act
+        scale = 0.05 + 0.1 * torch.sigmoid(mean)
+        obs = Normal(obs + mean, scale).rsample()
+        act = policy(obs)
+        total = total + quadratic_cost(obs, act).view(-1, 1)
+    return total
+
+
+def test_append_loss_and_a_computed_noise_scale_rp_equals_autograd():
+    torch.manual_seed(0)
+    policy = Policy()
+    A = torch.randn(2, 2, dtype=F64) * 0.5
+    obs = torch.randn(64, 2, dtype=F64) * 0.1
+    manager = pg.PropagationManager(pg.RPProp())
+    torch.manual_seed(1)
+    simulate(manager, obs, policy, A, 5)
+    manager.backward()  # the costs were appended inside
+    got = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    torch.manual_seed(1)
+    simulate_reference(obs, policy, A, 5).mean().backward()
+    for g, p in zip(got, policy.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_append_loss_lr_and_tp_are_unbiased_against_rp():
+    # the policy gradient: RP, LR and TP estimate the same expectation
+    torch.manual_seed(0)
+    policy = Policy()
+    A = torch.randn(2, 2, dtype=F64) * 0.5
+    obs = torch.randn(256, 2, dtype=F64) * 0.1
+    means = {}
+    for name, prop in (("RP", pg.RPProp()), ("LR", pg.LRProp())):
+        manager = pg.PropagationManager(prop)
+        runs = []
+        for _ in range(60):
+            policy.zero_grad()
+            simulate(manager, obs, policy, A, 4)
+            manager.backward()
+            runs.append(policy.lin.weight.grad.clone())
+        est = torch.stack(runs)
+        means[name] = (est.mean(0), est.std(0) / len(runs) ** 0.5)
+    (m_rp, se_rp), (m_lr, se_lr) = means["RP"], means["LR"]
+    assert ((m_rp - m_lr).abs() < 4 * (se_rp ** 2 + se_lr ** 2) ** 0.5 + 1e-9).all()
