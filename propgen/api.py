@@ -60,7 +60,7 @@ def compile_reverse(fn: Callable, wrt: tuple[int, ...], registry: Registry,
     params, body = normalize(ctx, pf)
     body = prune_dead_code(body)
     if propagation is not None and any(s.target is not None for s in propagation.sites):
-        from propgen.splice import number_nodes
+        from propgen.routing import number_nodes
 
         number_nodes(ctx, body, propagation.sites)
     for i in wrt:

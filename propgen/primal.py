@@ -246,7 +246,7 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
             seed = rev.ctx.fresh("d_result")
         code = rev.rev_block(body, state)
         if rev.ctx.propagation is not None:
-            from propgen.splice import expand_routing
+            from propgen.routing import expand_routing
 
             code = expand_routing(code, rev)
     else:
