@@ -135,6 +135,7 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
         if k in atoms:
             mapping[k] = ir.clone(atoms[k])
         elif k in prop.defaults:
+            _check_config_value(nz, loc, prop, k, prop.defaults[k])
             mapping[k] = _program_name(ctx, prop.defaults[k]) or ir.name(
                 ctx.propagation.config_binding(prop, k))
         else:
@@ -241,6 +242,23 @@ def _local_propagator(nz: Normalizer, node: gast.AST, manager: Any) -> Any:
         nz.fail(node, "a local_propagator that is not known when compiling",
                 "pass a registered name (a string) or a propagator bound outside the function")
     return value
+
+
+def _check_config_value(nz: Normalizer, loc: Any, prop: Any, key: str, value: Any) -> None:
+    """A differentiated tensor inside a propagator's default dist_params would get no
+    gradient (configuration is not differentiated): say so instead of dropping it."""
+    import torch
+
+    values = value.values() if isinstance(value, dict) else (
+        value if isinstance(value, (tuple, list)) else ())
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in values):
+        from propgen.errors import ConfigurationError
+
+        raise ConfigurationError(
+            loc, f"{type(prop).__name__}'s default {key} holds a tensor that requires grad; "
+            "the configuration is not differentiated, so it would get no gradient",
+            f"pass {key}=... at the call site (manager.forward(x, {key}=...)), where the "
+            "program's gradients reach it")
 
 
 def _program_name(ctx: Any, value: Any) -> gast.Name | None:

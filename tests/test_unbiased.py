@@ -116,3 +116,16 @@ def test_rp_through_a_computed_noise_scale_equals_autograd():
     h = x + Normal(torch.zeros_like(x), torch.exp(log_sigma)).rsample()
     ref = torch.autograd.grad((h ** 2).sum(1).mean(), log_sigma)[0]
     torch.testing.assert_close(log_sigma.grad, ref)
+
+
+def test_a_differentiated_scale_in_the_configuration_is_refused():
+    sigma = torch.tensor(0.5, dtype=F64, requires_grad=True)
+
+    @pg.propagate
+    def f(manager, x):
+        return (manager.forward(x * 1.0) ** 2).sum(1)
+
+    manager = pg.PropagationManager(pg.RPProp(dist_class=Normal,
+                                              dist_params={"loc": 0.0, "scale": sigma}))
+    with pytest.raises(pg.ConfigurationError, match="at the call site"):
+        f(manager, torch.ones(4, 2, dtype=F64))
