@@ -25,6 +25,7 @@ from propgen.propagators import (
     Part,
     PauseProp,
     Propagator,
+    ProxProp,
     ResampleProp,
     RPProp,
     SkipProp,
@@ -32,6 +33,7 @@ from propgen.propagators import (
     TotalProp,
 )
 from propgen.runtime import AbsoluteTarget
+from propgen.sigprop import Monitor, SignalProp, SigProp, SigpropManager
 from propgen.template import Registry, contribution, d, m, nondifferentiable
 
 __version__ = "0.1.0"
@@ -54,6 +56,11 @@ __all__ = [
     "ResampleProp",
     "GSLoss",
     "GSProp",
+    "ProxProp",
+    "SignalProp",
+    "SigProp",
+    "SigpropManager",
+    "Monitor",
     "AbsoluteTarget",
     "Part",
     "m",

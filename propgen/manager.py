@@ -230,6 +230,7 @@ class _View:
     outputs: set = field(default_factory=set)  # node output names (their copies need no line)
     templates: dict = field(default_factory=dict)
     configs: dict = field(default_factory=dict)  # namespace name -> (path, key)
+    forward_channels: dict = field(default_factory=dict)  # forward message -> variable
 
     def path(self, prop: Propagator) -> tuple:
         if prop is self.manager.default_propagator:
@@ -253,13 +254,30 @@ class _View:
         ctx_ns[ns_name] = Binding("config", path, key, _config_value(prop, key))
         return ns_name
 
+    def call_binding(self, key: str) -> str:
+        """A name in the generated module holding a fact of the current call (``grad_enabled``:
+        whether the caller records gradients, for propagators that learn in the forward)."""
+        from propgen.normalize import Binding
+
+        for ns_name, b in self.ctx.namespace.items():
+            if b.kind == "config" and b.source == _CALL and b.key == key:
+                return ns_name
+        ns_name = self.ctx.fresh(key)
+        self.ctx.namespace[ns_name] = Binding("config", _CALL, key, True)
+        return ns_name
+
     def describe(self) -> str:
         return repr(self.manager.default_propagator) + (
             f" and {sorted(self.manager.propagators)}" if self.manager.propagators else "")
 
 
+_CALL = ("call",)  # the source of call bindings (see _View.call_binding)
+
+
 def _config_value(prop: Propagator, key: str) -> Any:
-    return getattr(prop, key) if key == "baseline" else prop.defaults[key]
+    # keyword defaults, else the propagator's own objects (a baseline function, the state a
+    # learning propagator keeps: its layers' optimizers)
+    return prop.defaults[key] if key in prop.defaults else getattr(prop, key)
 
 
 def _resolve_path(manager: PropagationManager, path: tuple) -> Propagator:
@@ -357,9 +375,10 @@ class PropagatedFunction:
         self.last = loaded
         loaded.refresh()
         ns = loaded.namespace
-        for name, b in loaded.compiled.configs.items():
-            ns[name] = _config_value(_resolve_path(manager, b.source), b.key)
         recording = torch.is_grad_enabled()  # under torch.no_grad(): evaluation, no tape
+        for name, b in loaded.compiled.configs.items():
+            ns[name] = recording if b.source == _CALL else _config_value(
+                _resolve_path(manager, b.source), b.key)
         with torch.no_grad():
             result, saved = loaded.forward(*values)
         if not recording:

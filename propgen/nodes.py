@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import gast
 
 from propgen import ir
-from propgen.template import Template
+from propgen.template import Template, is_template_object
 
 if TYPE_CHECKING:
     from propgen.normalize import Normalizer
@@ -109,13 +109,22 @@ def expand_node(nz: Normalizer, e: gast.Call, hint: str, manager: Any) -> gast.A
                f"accepts (the one here is {prop.label})",
                f"{type(prop).__name__} accepts {list(prop.keywords) or 'no keywords'}; "
                f"propgen's propagators know {sorted(known)}")
-    x = nz.atom(e.args[0], hint)
-    loc = nz.loc(e)
-    target = nz.atom(force, f"{hint}_targets") if force is not None else None
-    atoms = {k: nz.atom(v, f"{hint}_{k}") for k, v in keywords.items()}
     from propgen.propagators import ChainProp
 
     members = prop.members if isinstance(prop, ChainProp) else (prop,)
+    layer = keywords.pop("layer", None)
+    if layer is not None and not any("layer" in p.keywords for p in members):
+        # ``layer=module`` under a propagator that does not handle layers itself: the node
+        # computes ``module(x)`` as ordinary program code, then the propagator's own step
+        x = nz.atom(ir.copy_anno(gast.Call(func=layer, args=[e.args[0]], keywords=[]), e),
+                    hint)
+    else:
+        x = nz.atom(e.args[0], hint)
+        if layer is not None:
+            keywords["layer"] = layer
+    loc = nz.loc(e)
+    target = nz.atom(force, f"{hint}_targets") if force is not None else None
+    atoms = {k: nz.atom(v, f"{hint}_{k}") for k, v in keywords.items()}
     for i, member in enumerate(members):  # a chain is several nodes at one call site
         last = i == len(members) - 1
         x = _expand(nz, manager, member, x, atoms, hint, loc,
@@ -144,10 +153,16 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
         v = getattr(prop, opt)
         if isinstance(v, (bool, int, float, str)) or v is None:
             mapping[opt] = ir.const(v)
-    if getattr(prop, "baseline_func", None) is not None:
-        mapping["baseline_func"] = ir.name(ctx.propagation.config_binding(prop, "baseline"))
     cache = ctx.propagation.templates
     parts = prop.parts()
+    wanted = {p for part in parts for t in (part.forward, part.backward) if t is not None
+              for p in inspect.signature(t).parameters}
+    if "grad_enabled" in wanted:
+        mapping["grad_enabled"] = ir.name(ctx.propagation.call_binding("grad_enabled"))
+    for k in prop.internal:  # objects the propagator keeps across calls (run-time values)
+        mapping[k] = ir.name(ctx.propagation.config_binding(prop, k))
+    if getattr(prop, "baseline_func", None) is not None:
+        mapping["baseline_func"] = ir.name(ctx.propagation.config_binding(prop, "baseline"))
     out = ctx.fresh(f"{hint}_node")
     start = len(nz.out)
     for part in parts:
@@ -352,9 +367,12 @@ def _splice_forward(nz: Normalizer, tmpl: Template, mapping: dict, hint: str, ou
         elif isinstance(new, gast.Assign) and isinstance(new.targets[0], gast.Name):
             new.pg_nograd = True
             nz.emit(new)
+        elif isinstance(new, gast.Expr) and isinstance(new.value, gast.Call):
+            new.pg_nograd = True  # a side effect (a layer's own optimizer step, say)
+            nz.emit(new)
         else:
             raise TypeError(f"propagator template {tmpl.name}: forward templates hold "
-                            "assignments to names and one return")
+                            "assignments to names or m[...], calls, and one return")
 
 
 class _Bind(gast.NodeTransformer):
@@ -362,6 +380,20 @@ class _Bind(gast.NodeTransformer):
 
     def __init__(self, nz: Normalizer, tmpl: Template, params: dict, local: dict) -> None:
         self.nz, self.tmpl, self.params, self.local = nz, tmpl, params, local
+
+    def visit_Subscript(self, node: gast.Subscript) -> gast.AST:
+        if not is_template_object(node, "m", self.tmpl):
+            self.generic_visit(node)
+            return node
+        key = node.slice
+        if not (isinstance(key, gast.Constant) and isinstance(key.value, str)):
+            raise TypeError(f"template {self.tmpl.name}: m[...] takes a message name (a string)")
+        # a message flowing forward: a variable of the generated forward, None until a node
+        # sets it (normalize() initialises it at the top of the function)
+        channels = self.nz.ctx.propagation.forward_channels
+        if key.value not in channels:
+            channels[key.value] = self.nz.ctx.fresh(f"{key.value}_forward")
+        return ir.name(channels[key.value], isinstance(node.ctx, gast.Store))
 
     def visit_Name(self, node: gast.Name) -> gast.AST:
         if node.id in self.local:

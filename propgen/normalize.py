@@ -1115,6 +1115,13 @@ def normalize(ctx: Context, pf: ParsedFunction) -> tuple[list[str], list]:
     for s in body:
         norm.stmt(s)
     out = norm.out
+    channels = ctx.propagation.forward_channels if ctx.propagation is not None else {}
+    for name in sorted(channels.values(), reverse=True):  # forward messages start empty
+        init = ir.assign(name, ir.const(None))
+        init.pg_nograd = init.pg_bookkeeping = True
+        init.pg_loc = pf.loc(fdef)
+        init.lineno = init.pg_loc.lineno
+        out.insert(0, init)
     if not out or not isinstance(out[-1], gast.Return):
         ret = gast.Return(value=ir.const(None))
         ret.pg_loc = pf.loc(fdef.body[-1] if fdef.body else fdef)

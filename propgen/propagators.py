@@ -25,7 +25,7 @@ from propgen.templates import propagators as tp
 __all__ = [
     "Part", "Propagator", "BackPropagator", "RPProp", "LRProp", "TotalProp", "LossProp",
     "BaselineProp", "SkipProp", "PauseProp", "SumProp", "ComboProp", "ChainProp",
-    "ResampleProp", "GSLoss", "GSProp",
+    "ResampleProp", "GSLoss", "GSProp", "ProxProp",
 ]
 
 
@@ -51,6 +51,7 @@ class Propagator:
 
     keywords: tuple[str, ...] = ()
     options: tuple[str, ...] = ()  # constructor options that change the generated code
+    internal: tuple[str, ...] = ()  # attributes the templates read at run time (state)
 
     def __init__(self, **defaults: Any) -> None:
         unknown = sorted(set(defaults) - set(self.keywords))
@@ -390,3 +391,35 @@ class GSProp(Propagator):
 
     def parts(self) -> list[Part]:
         return [Part(tp.resample_forward, tp.resample_backward), Part(None, tp.gs_loss_backward)]
+
+
+class ProxProp(Propagator):
+    """Proximal backpropagation (Frerix et al. 2018) at a layer node,
+    ``manager.forward(x, layer=module)``, for a layer linear in its parameters (Linear, Conv1d,
+    Conv2d, or any module whose output is linear in its parameters: checked on its first batch).
+
+    The node computes ``module(x)``; its backward sends the ordinary backprop message upstream
+    and gives the parameters, in ``.grad``, the proximal direction
+    ``(J^T J + I/tau)^-1 J^T g`` (J: the layer's Jacobian in its parameters, g: the gradient
+    at its output; for Linear, ``J^T J = A^T A`` with A the input and a column of ones) so that
+    any torch.optim optimizer can use it, and plain SGD with lr 1 lands on the proximal point.
+    ``mode``: 'exact', 'cg<N>' (N conjugate-gradient steps on that system, from 0) or
+    'gradient' (the plain gradient ``J^T g``).  ``tau`` and ``mode`` may also be given per call
+    site and changed between calls without recompiling.
+    """
+
+    keywords = ("layer", "tau", "mode")
+    internal = ("linear",)
+
+    def __init__(self, tau: float = 1.0, mode: str = "cg1", **defaults: Any) -> None:
+        from propgen.templates.layers import LinearLayers
+        from propgen.templates.proximal import parse_mode
+
+        parse_mode(mode)  # a bad mode is refused here, not at the first backward
+        if not (isinstance(tau, (int, float)) and tau > 0):
+            raise ValueError(f"ProxProp(tau={tau!r}): tau must be a positive number")
+        super().__init__(tau=tau, mode=mode, **defaults)
+        self.linear = LinearLayers()
+
+    def parts(self) -> list[Part]:
+        return [Part(tp.prox_forward, tp.prox_backward)]

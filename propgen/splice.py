@@ -18,7 +18,7 @@ from propgen import ir
 from propgen.contribution import Contributions
 from propgen.nodes import NodeSite
 from propgen.routing import Deliver, Route
-from propgen.template import Template
+from propgen.template import Template, is_template_object
 
 if TYPE_CHECKING:
     from propgen.transform import Reverse
@@ -63,6 +63,7 @@ class _Splicer(Contributions):
         self.rev, self.s, self.site, self.state = rev, s, site, state
         self.locals: dict[str, str] = {}
         self.accs: set[int] = set()  # ids of statements that send gradients (kept if active)
+        self.effects: set[int] = set()  # ids of calls made for their side effects
 
     # ------------------------------------------------------------------ names
     def local(self, tmpl: Template, name: str) -> str:
@@ -94,13 +95,18 @@ class _Splicer(Contributions):
         if isinstance(stmt, gast.If):
             return [gast.If(test=self.expr(tmpl, stmt.test), body=self.block(tmpl, stmt.body),
                             orelse=self.block(tmpl, stmt.orelse))]
+        if isinstance(stmt, gast.Expr) and isinstance(stmt.value, gast.Call):
+            # a side effect (ProxProp writing .grad, a deferred optimizer step): always kept
+            call = gast.Expr(value=self.expr(tmpl, stmt.value))
+            self.effects.add(id(call))
+            return [call]
         if not (isinstance(stmt, gast.Assign) and len(stmt.targets) == 1):
             raise TypeError(f"propagator template {tmpl.name}: backward templates hold "
-                            "assignments and if statements")
+                            "assignments, calls and if statements")
         tgt, value = stmt.targets[0], stmt.value
-        if _is_sub(tgt, "d", tmpl):
+        if is_template_object(tgt, "d", tmpl):
             return self.send(tmpl, tgt.slice, value)
-        if _is_sub(tgt, "m", tmpl):
+        if is_template_object(tgt, "m", tmpl):
             return [ir.assign(self.channel(tgt.slice, tmpl), self.expr(tmpl, value))]
         if isinstance(tgt, gast.Name) and _is_intrinsic(value, tmpl, "contribution"):
             return self.contribution(tmpl, self.local(tmpl, tgt.id), value)
@@ -142,12 +148,12 @@ class _Subst(gast.NodeTransformer):
         self.sp, self.tmpl = sp, tmpl
 
     def visit_Subscript(self, node: gast.Subscript) -> gast.AST:
-        if _is_sub(node, "d", self.tmpl):
+        if is_template_object(node, "d", self.tmpl):
             key = node.slice
             if not (isinstance(key, gast.Name) and key.id in self.sp.site.mapping):
                 raise TypeError(f"template {self.tmpl.name}: d[...] must name a parameter")
             return self.sp.grad_of(self.sp.site.mapping[key.id])
-        if _is_sub(node, "m", self.tmpl):
+        if is_template_object(node, "m", self.tmpl):
             return ir.name(self.sp.channel(node.slice, self.tmpl))
         self.generic_visit(node)
         return node
@@ -169,22 +175,6 @@ def _stored_in(tmpl: Template, name: str) -> bool:
                for s in tmpl.body for n in ir.walk(s))
 
 
-def _is_sub(node: Any, base: str, tmpl: Template) -> bool:
-    """``d[...]`` / ``m[...]``, also spelled ``propgen.d[...]`` (the template language's own
-    objects, whatever the template module calls them)."""
-    if not isinstance(node, gast.Subscript):
-        return False
-    from propgen import template
-
-    v = node.value
-    if isinstance(v, gast.Name):
-        return tmpl.globals.get(v.id) is getattr(template, base)
-    if isinstance(v, gast.Attribute) and isinstance(v.value, gast.Name):
-        mod = tmpl.globals.get(v.value.id)
-        return getattr(mod, v.attr, None) is getattr(template, base)
-    return False
-
-
 def _is_intrinsic(node: Any, tmpl: Template, name: str) -> bool:
     from propgen import template
 
@@ -200,7 +190,8 @@ def _prune(code: list, sp: _Splicer) -> list:
     for stmt in reversed(code):
         stores = {n.id for n in ir.walk(stmt) if isinstance(n, gast.Name)
                   and isinstance(n.ctx, gast.Store)}
-        if id(stmt) in sp.accs or stores & channels or stores & needed:
+        if (id(stmt) in sp.accs or id(stmt) in sp.effects or stores & channels
+                or stores & needed):
             kept.insert(0, stmt)
             needed |= {n.id for n in ir.walk(stmt) if isinstance(n, gast.Name)
                        and isinstance(n.ctx, gast.Load)}

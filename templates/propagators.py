@@ -41,6 +41,9 @@ from propgen.templates.estimators import (
     standard_normal_like,
 )
 
+from propgen.templates.layers import apply_layer, layer_input_grad, proximal_step
+from propgen.templates.sigprop import finish_step, learn_forward, make_stream
+
 from propgen.template import contribution, d, m
 
 # --------------------------------------------------------------------- identity, backprop
@@ -212,3 +215,43 @@ def gs_loss_backward(output, x, mean, chol, eps):
     centred = x - mean
     m["local_loss"] = per_row_dot(centred, g_mean) + per_row_dot(flat_matmul(centred, g_cov),
                                                                 centred)
+
+
+# --------------------------------------------------- proximal backpropagation (ProxProp)
+
+
+def prox_forward(x, layer, site):
+    return apply_layer(layer, x, site)
+
+
+def prox_backward(output, x, layer, tau, mode, linear, site):
+    # upstream: the ordinary backprop message; the layer's parameters: the proximal direction
+    # (J^T J + I/tau)^-1 J^T d[output], with which SGD at lr 1 lands on the proximal point
+    d[x] = layer_input_grad(layer, x, d[output])
+    proximal_step(layer, x, d[output], tau, mode, linear, site)
+
+
+# ---------------------------------------------- signal propagation (forward learning)
+
+
+def signal_forward(x, layer, context, context_layer, num_classes, loss, optimizer, monitor,
+                   classes, update, grad_enabled, state, site):
+    # the first node: h = layer(x) and t = context_layer(one-hot context), trained together
+    stream = make_stream(context, num_classes, classes, x, site)
+    step = learn_forward(layer, context_layer, x, stream, loss, optimizer, monitor, grad_enabled,
+                         update, state, site, True)
+    m["signal"] = step.stream
+    return step.output
+
+
+def sigprop_forward(x, layer, loss, optimizer, monitor, update, grad_enabled, state, site):
+    # a hidden node: the layer applied to both streams, trained on their comparison
+    step = learn_forward(layer, layer, x, m["signal"], loss, optimizer, monitor, grad_enabled,
+                         update, state, site, False)
+    m["signal"] = step.stream
+    return step.output
+
+
+def sigprop_deferred_backward(output, x, step):
+    # update="backward": the layer's optimizer steps when the backward pass reaches the node
+    finish_step(step)
