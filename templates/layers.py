@@ -11,7 +11,6 @@ import weakref
 from typing import Any
 
 import torch
-
 from propgen.templates.proximal import (
     layer_input_grad,
     linear_in_params,
@@ -38,8 +37,9 @@ class LinearLayers:
         if type(layer) in _LINEAR_TYPES or self.seen.get(layer):
             return
         if not any(p.requires_grad for p in layer.parameters()):
-            raise site_error(site, f"ProxProp's layer {layer_name(layer)} has no trainable parameters",
-                         "give the node a layer with parameters, or use BackPropagator here")
+            raise site_error(site, f"ProxProp's layer {layer_name(layer)} has no trainable "
+                             "parameters", "give the node a layer with parameters, or use "
+                             "BackPropagator here")
         if not linear_in_params(layer, x):
             raise site_error(site, f"ProxProp's layer {layer_name(layer)} is not linear in its "
                          "parameters, so the proximal step has no closed form",

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from propgen.templates.layers import layer_name, site_error
 
 __all__ = [
@@ -165,8 +164,8 @@ def learn_forward(layer: Any, target_layer: Any, x: torch.Tensor, stream: Stream
                   update: str, state: Any, site: str, first: bool) -> Step:
     """Apply ``layer`` to the input stream and ``target_layer`` to the target stream, and
     train both on ``loss(h, t, stream)``: the optimizer steps now, or when the backward pass
-    reaches the node (``update='backward'``).  Both streams leave detached.  ``first``: the signal node,
-    whose target layer is the context's own projection."""
+    reaches the node (``update='backward'``).  Both streams leave detached.  ``first``: the
+    signal node, whose target layer is the context's own projection."""
     learning = learning and stream is not None and _training(layer, target_layer)
     params = state.parameters(layer, target_layer) if stream is not None else []
     with torch.set_grad_enabled(learning and bool(params)):
