@@ -14,8 +14,16 @@ generated code at every ``manager.forward(x, ...)`` call site that uses it:
   later nodes (None when none did); assigning it sets what flows on to earlier nodes.
   Messages not assigned flow on unchanged.
 
+In a forward template ``m['name']`` is a message flowing *forward*, from earlier nodes to
+later ones (None before any node set it; signal propagation's target stream travels this
+way).  Both kinds of template may call a function for its side effect (an optimizer step,
+``.grad`` written by ProxProp): such calls are always kept.  Besides the keywords, templates
+may name ``site`` (the call site's ``file:line`` text), ``grad_enabled`` (whether the caller
+records gradients: False under ``torch.no_grad()``) and the propagator's ``internal`` objects.
+
 The math lives in these templates and in the small functions of
-:mod:`propgen.templates.estimators`; ``site`` is the call site's ``file:line`` text.
+:mod:`propgen.templates.estimators`, :mod:`~propgen.templates.layers`,
+:mod:`~propgen.templates.proximal` and :mod:`~propgen.templates.sigprop`.
 """
 
 from __future__ import annotations
@@ -40,7 +48,6 @@ from propgen.templates.estimators import (
     score_params_grad,
     standard_normal_like,
 )
-
 from propgen.templates.layers import apply_layer, layer_input_grad, proximal_step
 from propgen.templates.sigprop import finish_step, learn_forward, make_stream
 
