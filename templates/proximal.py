@@ -60,6 +60,8 @@ padding or a non-zero padding mode) uses the operators directly: ``J v`` by forw
 CG blocking follows the original implementation: for ``nn.Linear`` every output unit (column of
 ``X``) runs its own CG with its own step sizes, in parallel; for every other layer CG runs on
 the one flattened vector of all parameters (one step size per iteration for the whole layer).
+Only stock layers get a matrix form: a subclass, a forward hook or a parametrization may change
+what the layer computes, so such a layer takes the generic path (and flattened CG).
 """
 
 from __future__ import annotations
@@ -344,12 +346,14 @@ def _functional(layer: nn.Module, names: Sequence[str], x: Tensor) -> Callable[.
     """``θ ↦ f(x; θ)`` for the named parameters; the others and the buffers keep their values.
 
     Buffers are cloned so that a layer updating them in its forward (BatchNorm in training
-    mode) leaves the real layer unmodified.
+    mode) leaves the real layer unmodified; cloned inside each call because torch.func
+    transforms refuse in-place updates of tensors captured from outside the function.
     """
-    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+    buffers = dict(layer.named_buffers())
 
     def call(*theta: Tensor) -> Tensor:
-        return torch.func.functional_call(layer, {**buffers, **dict(zip(names, theta))}, (x,))
+        state = {name: b.clone() for name, b in buffers.items()} | dict(zip(names, theta))
+        return torch.func.functional_call(layer, state, (x,))
 
     return call
 
