@@ -14,6 +14,7 @@ keywords (``LRProp(baseline=False)``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -416,7 +417,7 @@ class ProxProp(Propagator):
         from propgen.templates.proximal import parse_mode
 
         parse_mode(mode)  # a bad mode is refused here, not at the first backward
-        if not (isinstance(tau, (int, float)) and tau > 0):
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
             raise ValueError(f"ProxProp(tau={tau!r}): tau must be a positive number")
         super().__init__(tau=tau, mode=mode, **defaults)
         self.linear = LinearLayers()

@@ -7,6 +7,7 @@ ordinary program code first.  The proximal math is in :mod:`propgen.templates.pr
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -67,7 +68,7 @@ def proximal_step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, tau:
     except ValueError as e:
         raise site_error(site, f"ProxProp(mode={mode!r}): {e}",
                      "use mode='exact', 'cg<N>' (cg3, say) or 'gradient'") from None
-    if not (isinstance(tau, (int, float)) and tau > 0):
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise site_error(site, f"ProxProp(tau={tau!r}): tau must be a positive number",
                      "tau is the proximal step size: tau=1.0, say")
     linear.check(layer, x, site)
