@@ -32,6 +32,7 @@ from propgen.propagators import (
     SumProp,
     TotalProp,
 )
+from propgen.proxprop import ProxPropLayer, proxprop_module
 from propgen.runtime import AbsoluteTarget
 from propgen.sigprop import Monitor, SignalProp, SigProp, SigpropManager
 from propgen.template import Registry, contribution, d, m, nondifferentiable
@@ -57,6 +58,8 @@ __all__ = [
     "GSLoss",
     "GSProp",
     "ProxProp",
+    "ProxPropLayer",
+    "proxprop_module",
     "SignalProp",
     "SigProp",
     "SigpropManager",

@@ -284,3 +284,38 @@ def test_missing_layer_and_bad_settings():
         pg.ProxProp(tau=0)
     with pytest.raises(TypeError, match="lr"):
         pg.ProxProp(lr=1.0)
+
+
+# ------------------------------------------------- ProxProp layers in ordinary PyTorch code
+
+
+@pytest.mark.parametrize("mode", ["exact", "cg2", "gradient"])
+def test_proxprop_layers_in_plain_torch_equal_the_node(mode):
+    fc1, fc2 = _mlp()
+    x, y = _data()
+    want, want_gx = _run(pg.ProxProp(tau=0.3, mode=mode), fc1, fc2, x, y, x_grad=True)
+    p1 = pg.ProxPropLayer(copy.deepcopy(fc1), tau=0.3, mode=mode)
+    p2 = pg.proxprop_module(nn.Linear)(9, 4, tau=0.3, mode=mode).double()
+    p2.layer.load_state_dict(fc2.state_dict())
+    xg = x.clone().requires_grad_()
+    F.cross_entropy(p2(torch.tanh(p1(xg))), y).backward()
+    got = [p.grad for p in (*p1.parameters(), *p2.parameters())]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    torch.testing.assert_close(xg.grad, want_gx)
+
+
+def test_generated_conv_class_and_refusals():
+    conv = pg.proxprop_module(nn.Conv2d)(2, 3, 3, padding=1, tau=0.5, mode="exact").double()
+    x = torch.randn(2, 2, 5, 5, dtype=F64)
+    conv(x).pow(2).sum().backward()
+    g = 2 * conv.layer(x).detach()  # closed form through the optimality condition
+    new = [(p - p.grad).detach().requires_grad_() for p in conv.parameters()]
+    old = [p.detach() for p in conv.parameters()]
+    obj = 0.5 * ((F.conv2d(x, *new, padding=1) - (conv.layer(x).detach() - g)) ** 2).sum()
+    obj = obj + sum(((n - o) ** 2).sum() for n, o in zip(new, old)) / (2 * 0.5)
+    assert all(gr.abs().max() < 1e-9 for gr in torch.autograd.grad(obj, new))
+    with pytest.raises(pg.ConfigurationError, match="not linear in its parameters"):
+        pg.ProxPropLayer(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="mode"):
+        pg.ProxPropLayer(nn.Linear(2, 2), mode="cg0")
