@@ -154,7 +154,8 @@ def sweep(args, init, data, device) -> dict:
     for kind, what in (("proxprop", "tau"), ("backprop", "lr")):
         cells = "".join(f"{show(losses[f'{kind} {what}={s:g}']):>10}" for s in SWEEP_STEPS)
         print(f"{kind + ' (' + what + ')':<20}{cells}")
-    print(f"(the initial training loss is {initial:.4f}; 'diverged': NaN or inf)")
+    print(f"(the initial training loss is {initial:.4f}; 'diverged': NaN or inf; reference: "
+          "ProxProp trains at every tau, backprop diverges from lr 5)")
     return {"sweep": losses, "initial_train_loss": initial}
 
 
@@ -186,6 +187,9 @@ def experiment(args: argparse.Namespace) -> dict:
     result = (sweep if args.sweep else compare)(args, init, data, device)
     result["seconds"] = time.perf_counter() - start
     print(f"({result['seconds']:.1f} s)")
+    if not args.sweep:
+        print("reference (the original ProxProp, exact, tau 0.05, Nesterov lr 1; backprop lr "
+              "0.05): training loss after epoch 1: 1.23 vs 2.14")
     return result
 
 

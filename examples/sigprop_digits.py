@@ -149,6 +149,8 @@ def experiment(args: argparse.Namespace) -> dict:
     print(f"final test accuracy after {args.epochs} epochs (seed {args.seed}): sigprop "
           f"{100 * result['sigprop_test_accuracy']:.1f} %, backprop "
           f"{100 * result['backprop_test_accuracy']:.1f} % ({seconds:.1f} s)")
+    print("reference (the original implementations, 100 epochs): sigprop 91.1 +- 1.7 %, "
+          "backprop 94.3 %")
     return result
 
 
