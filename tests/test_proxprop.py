@@ -319,3 +319,34 @@ def test_generated_conv_class_and_refusals():
         pg.ProxPropLayer(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))(torch.randn(4, 3))
     with pytest.raises(ValueError, match="mode"):
         pg.ProxPropLayer(nn.Linear(2, 2), mode="cg0")
+
+
+def test_layer_keyword_under_a_noise_propagator_is_the_call_then_the_node():
+    from torch.distributions import Normal
+
+    fc1, fc2 = _mlp()
+    x, y = _data()
+    noise = {"dist_class": Normal, "dist_params": {"loc": 0.0, "scale": 0.1}}
+    grads = []
+    for layer_node in (True, False):
+        for p in (*fc1.parameters(), *fc2.parameters()):
+            p.grad = None
+        man = pg.PropagationManager(pg.RPProp(**noise))
+
+        if layer_node:
+            @pg.propagate
+            def net(x, manager):
+                h = torch.tanh(manager.forward(x, layer=fc1))
+                return manager.forward(h, layer=fc2)
+        else:
+            @pg.propagate
+            def net(x, manager):
+                h = torch.tanh(manager.forward(fc1(x)))
+                return manager.forward(fc2(h))
+
+        torch.manual_seed(5)
+        man.backward(F.cross_entropy(net(x, man), y))
+        grads.append([p.grad.clone() for p in (*fc1.parameters(), *fc2.parameters())])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert grads[0][0].abs().sum() > 0
