@@ -37,10 +37,6 @@ class LinearLayers:
     def check(self, layer: torch.nn.Module, x: torch.Tensor, site: str) -> None:
         if type(layer) in _LINEAR_TYPES or self.seen.get(layer):
             return
-        if not any(p.requires_grad for p in layer.parameters()):
-            raise site_error(site, f"ProxProp's layer {layer_name(layer)} has no trainable "
-                             "parameters", "give the node a layer with parameters, or use "
-                             "BackPropagator here")
         if not linear_in_params(layer, x):
             raise site_error(site, f"ProxProp's layer {layer_name(layer)} is not linear in its "
                          "parameters, so the proximal step has no closed form",
@@ -71,8 +67,10 @@ def proximal_step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, tau:
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise site_error(site, f"ProxProp(tau={tau!r}): tau must be a positive number",
                      "tau is the proximal step size: tau=1.0, say")
-    linear.check(layer, x, site)
     params = [p for p in layer.parameters() if p.requires_grad]
+    if not params:  # a frozen layer: only the message upstream
+        return
+    linear.check(layer, x, site)
     for p, step in zip(params, proximal_direction(layer, x, g, tau, mode)):
         p.grad = step if p.grad is None else p.grad + step
 

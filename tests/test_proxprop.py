@@ -350,3 +350,14 @@ def test_layer_keyword_under_a_noise_propagator_is_the_call_then_the_node():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     assert grads[0][0].abs().sum() > 0
+
+
+def test_frozen_layer_only_passes_the_message():
+    fc1, fc2 = _mlp()
+    x, y = _data()
+    ref = _reference(fc1, fc2, x, y)
+    fc2.requires_grad_(False)
+    grads, gx = _run(pg.ProxProp(mode="gradient"), fc1, fc2, x, y, x_grad=True)
+    assert grads[2] is None and grads[3] is None
+    torch.testing.assert_close(grads[0], ref["grads"][0])
+    torch.testing.assert_close(gx, ref["gx"])
