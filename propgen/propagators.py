@@ -14,7 +14,6 @@ keywords (``LRProp(baseline=False)``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -414,11 +413,9 @@ class ProxProp(Propagator):
 
     def __init__(self, tau: float = 1.0, mode: str = "cg1", **defaults: Any) -> None:
         from propgen.templates.layers import LinearLayers
-        from propgen.templates.proximal import parse_mode
+        from propgen.templates.proximal import check_settings
 
-        parse_mode(mode)  # a bad mode is refused here, not at the first backward
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"ProxProp(tau={tau!r}): tau must be a positive number")
+        check_settings(tau, mode)  # refused here, not at the first backward
         super().__init__(tau=tau, mode=mode, **defaults)
         self.linear = LinearLayers()
 

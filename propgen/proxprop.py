@@ -12,13 +12,12 @@ sends the ordinary gradient to its input and the proximal direction to its param
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from propgen.templates.layers import LinearLayers
-from propgen.templates.proximal import layer_input_grad, parse_mode, proximal_direction
+from propgen.templates.proximal import check_settings, layer_input_grad, proximal_direction
 
 __all__ = ["ProxPropLayer", "proxprop_module", "ProxPropLinear", "ProxPropConv2d"]
 
@@ -50,9 +49,7 @@ class ProxPropLayer(torch.nn.Module):
 
     def __init__(self, layer: torch.nn.Module, tau: float = 1.0, mode: str = "cg1") -> None:
         super().__init__()
-        parse_mode(mode)
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"ProxPropLayer(tau={tau!r}): tau must be a positive number")
+        check_settings(tau, mode)
         self.layer, self.tau, self.mode = layer, float(tau), mode
         self._linear = LinearLayers()
 

@@ -25,6 +25,8 @@ import torch
 from propgen.manager import PropagationManager, propagate
 from propgen.propagators import BackPropagator, Part, Propagator
 from propgen.templates import propagators as tp
+from propgen.templates.layers import layer_name as _name
+from propgen.templates.layers import site_error as _error
 from propgen.templates.sigprop import (
     input_target_argmax,
     input_target_max,
@@ -242,14 +244,3 @@ class LayerNetwork(torch.nn.Module):
         mods = list(self.layers)
         return _layer_nodes(x, context, mods[0], tuple(mods[1:-1]), mods[-1], self.manager)
 
-
-def _name(layer: Any) -> str:
-    from propgen.templates.layers import layer_name
-
-    return layer_name(layer)
-
-
-def _error(site: str, problem: str, advice: str) -> Exception:
-    from propgen.templates.layers import site_error
-
-    return site_error(site, problem, advice)

@@ -7,15 +7,14 @@ ordinary program code first.  The proximal math is in :mod:`propgen.templates.pr
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Any
 
 import torch
 from propgen.templates.proximal import (
+    check_settings,
     layer_input_grad,
     linear_in_params,
-    parse_mode,
     proximal_direction,
 )
 
@@ -60,13 +59,11 @@ def proximal_step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, tau:
     """Add the proximal direction of every trainable parameter to its ``.grad`` (added, as
     ``loss.backward()`` adds, so a layer used at several nodes gets the sum)."""
     try:
-        parse_mode(mode)
+        check_settings(tau, mode)  # values given at a call site are checked here
     except ValueError as e:
-        raise site_error(site, f"ProxProp(mode={mode!r}): {e}",
-                     "use mode='exact', 'cg<N>' (cg3, say) or 'gradient'") from None
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise site_error(site, f"ProxProp(tau={tau!r}): tau must be a positive number",
-                     "tau is the proximal step size: tau=1.0, say")
+        raise site_error(site, f"ProxProp(tau={tau!r}, mode={mode!r}): {e}",
+                         "use a tau > 0 and mode='exact', 'cg<N>' (cg3, say) or 'gradient'"
+                         ) from None
     params = [p for p in layer.parameters() if p.requires_grad]
     if not params:  # a frozen layer: only the message upstream
         return

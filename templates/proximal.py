@@ -76,7 +76,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["parse_mode", "proximal_direction", "layer_input_grad", "linear_in_params"]
+__all__ = ["parse_mode", "check_settings", "proximal_direction", "layer_input_grad",
+           "linear_in_params"]
 
 # 'cgN' or the original spelling 'prox_cgN'; [0-9] rather than \d so that only ASCII digits count.
 _CG_MODE = re.compile(r"(?:prox_)?cg([0-9]+)")
@@ -108,6 +109,12 @@ def parse_mode(mode: str) -> tuple[str, int]:
         f"unknown proximal mode {mode!r}: expected 'exact', 'gradient' or 'cgN' with an integer "
         "N >= 1 (the spellings 'prox_exact' and 'prox_cgN' are accepted too)"
     )
+
+
+def check_settings(tau: float, mode: str) -> None:
+    """Raise ``ValueError`` unless ``tau`` is a finite number > 0 and ``mode`` a valid mode."""
+    parse_mode(mode)
+    _beta(tau)
 
 
 def proximal_direction(
