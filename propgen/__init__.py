@@ -6,6 +6,7 @@ breakpoints bind in it.
 """
 
 from propgen.api import adjoint, grad, insert_grad_of, source
+from propgen.autodiff import JVPFunction, autodiff, hvp
 from propgen.errors import (
     ConfigurationError,
     PropgenError,
@@ -35,7 +36,7 @@ from propgen.propagators import (
 from propgen.proxprop import ProxPropLayer, proxprop_module
 from propgen.runtime import AbsoluteTarget
 from propgen.sigprop import Monitor, SignalProp, SigProp, SigpropManager
-from propgen.template import Registry, contribution, d, m, nondifferentiable
+from propgen.template import Registry, contribution, d, m, nondifferentiable, t, tangent
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,11 @@ __all__ = [
     "m",
     "contribution",
     "grad",
+    "autodiff",
+    "hvp",
+    "JVPFunction",
+    "t",
+    "tangent",
     "source",
     "adjoint",
     "insert_grad_of",

@@ -240,6 +240,14 @@ class GradFunction:
         out = out[0] if len(out) == 1 else out
         return (out, result) if self.preserve_result else out
 
+    def __propgen_function__(self) -> Callable:
+        """This gradient as one plain function over the generated code, for propgen to
+        differentiate again (``autodiff(grad(f), mode='forward')``, ``grad`` of code that calls
+        it)."""
+        from propgen.autodiff import gradient_function
+
+        return gradient_function(self)
+
     def __repr__(self) -> str:
         return f"<propgen gradient of {self.fn.__qualname__} at {self.path}>"
 
@@ -294,7 +302,12 @@ def grad(
     registry = registry or Registry.default()
     target = inspect.unwrap(f.forward if isinstance(f, torch.nn.Module) else f)
     bound: tuple = ()
-    if inspect.ismethod(target):
+    as_function = getattr(f, "__propgen_function__", None)
+    if as_function is not None:  # made by propgen: differentiate its generated code
+        bound = getattr(f, "bound", ())
+        target = as_function()
+        wrt = tuple(i + len(bound) for i in wrt)
+    elif inspect.ismethod(target):
         # model.forward: compile the function with ``self`` as its first parameter, and pass
         # the instance on each call (wrt counts the method's own arguments)
         bound, target = (target.__self__,), target.__func__

@@ -29,8 +29,8 @@ from typing import Any
 
 import gast
 
-__all__ = ["d", "m", "contribution", "adjoint", "nondifferentiable", "Template", "Registry",
-           "NONDIFF"]
+__all__ = ["d", "m", "t", "contribution", "adjoint", "tangent", "nondifferentiable", "Template",
+           "Registry", "NONDIFF"]
 
 
 class _GradientMessages:
@@ -60,6 +60,17 @@ class _Messages(_GradientMessages):
 
 
 m = _Messages()
+
+
+class _Tangents(_GradientMessages):
+    """The ``t`` in tangent templates: ``t[x]`` is the tangent (directional derivative) of
+    ``x``; a tangent template assigns ``t[result]`` once."""
+
+    def __repr__(self) -> str:
+        return "t"
+
+
+t = _Tangents()
 
 
 def contribution(grad: Any, node_input: Any, target: Any) -> Any:
@@ -143,6 +154,29 @@ def adjoint(*keys: Any) -> Callable[[Callable], Callable]:
     return mark
 
 
+def tangent(*keys: Any) -> Callable[[Callable], Callable]:
+    """Mark ``fn`` as the tangent (forward-mode) template of ``keys``.
+
+    A key may be an adjoint template: the tangent then covers the same callables, and its
+    signature must be the adjoint's (the registry checks).  In the body ``t[x]`` is the tangent
+    of ``x``; the template assigns ``t[result]`` with an expression linear in the ``t[...]`` it
+    reads.  The tangent of an argument that does not vary is zero: the compiler drops the
+    terms it multiplies, or passes zeros where a term cannot be dropped::
+
+        @tangent(ops.tanh)
+        def tanh(result, input):
+            t[result] = t[input] * (1 - result * result)
+    """
+    if not keys:
+        raise TypeError("tangent() needs at least one callable to attach the template to")
+
+    def mark(fn: Callable) -> Callable:
+        fn.__propgen_tangent__ = keys
+        return fn
+
+    return mark
+
+
 class _NondiffMarker:
     def __init__(self, keys: tuple) -> None:
         self.__propgen_nondiff__ = keys
@@ -168,6 +202,7 @@ class Registry:
 
     def __init__(self, modules: tuple[str, ...] = ()) -> None:
         self._table: dict[Any, Template | str] = {}
+        self._tangents: dict[Any, Template] = {}
         self.version = 0
         # compiled functions, keyed by code object and request: a registry's templates decide
         # the generated code, so the memo of compilations lives with the registry
@@ -190,6 +225,9 @@ class Registry:
             keys = getattr(value, "__propgen_adjoint__", None)
             if keys is not None and callable(value):
                 self.register(value, keys)
+            tkeys = getattr(value, "__propgen_tangent__", None)
+            if tkeys is not None and callable(value):
+                self.register_tangent(value, tkeys)
             nd = getattr(value, "__propgen_nondiff__", None)
             if nd is not None:
                 for key in nd:
@@ -202,6 +240,46 @@ class Registry:
             self._table[_norm_key(key)] = tmpl
         self.version += 1
         return tmpl
+
+    def register_tangent(self, fn: Callable, keys: tuple) -> Template:
+        tmpl = Template(fn, tuple(keys))
+        flat: list = []
+        for key in keys:
+            adj = getattr(key, "__propgen_adjoint__", None)
+            if adj is not None and callable(key):  # an adjoint template: its keys, its signature
+                if inspect.signature(key) != tmpl.signature:
+                    raise TypeError(
+                        f"tangent template {fn.__qualname__}{tmpl.signature} must have the "
+                        f"signature of the adjoint template {key.__qualname__}"
+                        f"{inspect.signature(key)}"
+                    )
+                flat.extend(adj)
+            else:
+                flat.append(key)
+        tmpl.keys = tuple(flat)
+        for key in flat:
+            self._tangents[_norm_key(key)] = tmpl
+        self.version += 1
+        return tmpl
+
+    def tangent(self, *keys: Any) -> Callable[[Callable], Callable]:
+        """Decorator: register ``fn`` as the tangent template of ``keys`` in this registry."""
+
+        def deco(fn: Callable) -> Callable:
+            tangent(*keys)(fn)
+            self.register_tangent(fn, keys)
+            return fn
+
+        return deco
+
+    def lookup_tangent(self, key: Any) -> Template | None:
+        try:
+            return self._tangents.get(_norm_key(key))
+        except TypeError:
+            return None
+
+    def tangent_keys(self) -> list:
+        return list(self._tangents)
 
     def adjoint(self, *keys: Any) -> Callable[[Callable], Callable]:
         """Decorator: register ``fn`` as the adjoint template of ``keys`` in this registry."""

@@ -5,4 +5,11 @@ Each module here is plain Python meant to be read as documentation of the math. 
 registry collects the templates from the modules listed in TEMPLATE_MODULES.
 """
 
-TEMPLATE_MODULES = ("propgen.templates.ops", "propgen.templates.nn")
+TEMPLATE_MODULES = (
+    "propgen.templates.ops",
+    "propgen.templates.nn",
+    "propgen.templates.tangents",
+    "propgen.templates.tangents_structure",
+    "propgen.templates.nn_tangents",
+    "propgen.templates.helper_tangents",
+)

@@ -671,3 +671,14 @@ def embedding_grad(g, input, weight, padding_idx, scale_grad_by_freq):
     if padding_idx is not None:
         gw[padding_idx] = 0
     return gw
+
+
+def expand_like(tangent: Any, result: Any) -> Any:
+    """A tangent given the result's shape: in ``x + y`` with only a smaller ``y`` varying, the
+    tangent ``t[y]`` broadcasts up to the result (tangents always have their value's shape)."""
+    if (isinstance(tangent, torch.Tensor) and isinstance(result, torch.Tensor)
+            and tangent.shape != result.shape):
+        return tangent.expand(result.shape)
+    if isinstance(result, torch.Tensor) and not isinstance(tangent, torch.Tensor):
+        return torch.full_like(result, tangent)
+    return tangent

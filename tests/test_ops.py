@@ -99,6 +99,7 @@ class OpCase:
     devices: tuple = ("cpu", "cuda")
     float32: bool = True
     evaluator: bool = True  # also check with the compiler-free tape evaluator
+    hvp: str = ""  # why forward-over-reverse is not checked for this entry ("" = it is)
 
     @property
     def name(self) -> str:
@@ -1226,6 +1227,71 @@ def test_op_gradient(c: OpCase, dtype: torch.dtype, device: str) -> None:
     _compare(tuple(got), want, c, dtype, "propgen.grad")
 
 
+def _tangents(c: OpCase, args: tuple) -> tuple:
+    """A random direction for each differentiated argument (its own stream of numbers)."""
+    g = torch.Generator().manual_seed(zlib.crc32(c.name.encode()) + 1)
+    out = []
+    for i in c.wrt:
+        a = args[i]
+        v = torch.randn(a.shape, generator=g, dtype=torch.float64)
+        out.append(v.to(dtype=a.dtype, device=a.device))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.name)
+def test_op_jvp(c: OpCase, dtype: torch.dtype, device: str) -> None:
+    """Forward mode: the tangent of each entry's scalar output along a random direction is
+    the directional derivative, <autograd's gradient, direction>."""
+    if device not in c.devices:
+        pytest.skip(f"{c.name} runs on {c.devices} only")
+    if dtype is torch.float32 and not c.float32:
+        pytest.skip(f"{c.name} is checked in float64 only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = _inputs(c, dtype, device)
+        grads = _reference(c, args)
+        tans = _tangents(c, args)
+        want = sum((g * v).sum() for g, v in zip(grads, tans))
+        jf = propgen.autodiff(c.fn, mode="forward", wrt=c.wrt)
+        got = jf(*args, tangents=tans if len(tans) > 1 else tans[0])
+    rtol, atol = DTYPES[dtype]
+    scale = sum(g.abs().sum() * v.abs().max() for g, v in zip(grads, tans)) + 1
+    torch.testing.assert_close(got, want.to(got.dtype) if isinstance(got, torch.Tensor) else want,
+                               rtol=rtol * c.tol, atol=atol * c.tol * float(scale),
+                               msg=lambda m: f"forward mode of {c.name}: {m}")
+
+
+def _hvp_reference(c: OpCase, args: tuple, tans: tuple) -> tuple:
+    leaves = [a.detach().clone().requires_grad_() if i in c.wrt else a for i, a in enumerate(args)]
+    wrt = [leaves[i] for i in c.wrt]
+    grads = torch.autograd.grad(c.fn(*leaves), wrt, create_graph=True, allow_unused=True)
+    dot = sum((g * v).sum() for g, v in zip(grads, tans) if g is not None and g.requires_grad)
+    if not isinstance(dot, torch.Tensor):
+        return tuple(torch.zeros_like(w) for w in wrt)
+    hv = torch.autograd.grad(dot, wrt, allow_unused=True)
+    return tuple(torch.zeros_like(w) if h is None else h for w, h in zip(wrt, hv))
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.name)
+def test_op_hvp(c: OpCase) -> None:
+    """Forward over reverse: the forward-mode transform of propgen.grad's generated code gives
+    Hessian-vector products equal to autograd's double backward (float64, CPU)."""
+    if c.hvp:
+        pytest.skip(c.hvp)
+    if "cpu" not in c.devices:
+        pytest.skip(f"{c.name} runs on {c.devices} only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = _inputs(c, torch.float64, "cpu")
+        tans = _tangents(c, args)
+        want = _hvp_reference(c, args, tans)
+        got = propgen.hvp(c.fn, wrt=c.wrt)(*args, tangents=tans if len(tans) > 1 else tans[0])
+    got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
+    _compare(got, want, c, torch.float64, "propgen.hvp")
+
+
 def _template_keys() -> set:
     """Keys of propgen's own templates (other tests register user templates in the default
     registry: those are not this table's business)."""
@@ -1243,6 +1309,15 @@ def test_every_template_is_tested() -> None:
     covered = {k for c in CASES for k in c.keys}
     missing = [k for k in _template_keys() if k not in covered]
     assert not missing, f"templates without a test entry in tests/test_ops.py: {missing}"
+
+
+def test_every_template_has_a_tangent() -> None:
+    """Forward mode covers what reverse mode covers: each adjoint template has a tangent
+    template for the same callables."""
+    reg = Registry.default()
+    missing = sorted({reg.lookup(k).name for k in _template_keys()
+                      if reg.lookup_tangent(k) is None})
+    assert not missing, f"adjoint templates without a tangent template: {missing}"
 
 
 def test_entries_call_the_ops_they_claim() -> None:
