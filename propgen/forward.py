@@ -32,6 +32,8 @@ DEF, MAYBE = "def", "maybe"
 _RESULT = object()
 # List methods whose effect on a list of tangents is the same call on the tangent list.
 _MIRRORED = {"append", "extend", "pop", "insert", "clear", "reverse"}
+# Dict methods that read: their tangent reads the tangent dict (runtime.view_tangent).
+_DICT_READS = {"values", "items", "get", "keys"}
 
 
 class _Zero(gast.expr):
@@ -101,15 +103,18 @@ class Forward:
     def active(self, node: gast.AST) -> bool:
         return self.act.is_active(node)
 
-    def read(self, node: gast.AST, state: dict) -> gast.AST:
-        """The tangent of an atom as an expression: a name, a guarded name, or a zero."""
+    def read(self, node: gast.AST, state: dict, fill: bool = True) -> gast.AST:
+        """The tangent of an atom as an expression: a name, a name whose None is filled with
+        zeros (unless ``fill`` is False: the template handles None), or a zero."""
         if not self.active(node):
             return _Zero(node)
         st = state.get(node.id)
         if st is None:
             return _Zero(node)
         name = ir.name(self.tname(node.id))
-        if st == MAYBE:
+        if st == MAYBE and not fill:
+            self.maybe_vars.add(node.id)
+        elif st == MAYBE:
             self.maybe_vars.add(node.id)
             name = _call(self.rt("tangent_or_zeros"), name, ir.name(node.id))
         name.pg_tangent = True
@@ -205,6 +210,11 @@ class Forward:
         t = s.targets[0].id
         value = s.value
         primal = [ir.clone(s)]
+        callee: Callee | None = getattr(value, "pg_callee", None)
+        if callee is not None and callee.kind == "container":
+            # x = items.pop() changes the list: its tangent list changes alike, even when x
+            # itself needs no tangent, or the two lists would go out of step
+            return primal + self.container(s, callee, state, t)
         if t not in self.act.active or getattr(s, "pg_nograd", False):
             return primal + self.clear(t, state)
         if isinstance(value, gast.Name):
@@ -220,11 +230,18 @@ class Forward:
             else:
                 mirror = type(value)(elts=parts, ctx=gast.Load())
             return primal + self.set(t, mirror, state)
-        callee: Callee | None = getattr(value, "pg_callee", None)
         if callee is None or callee.kind in ("nondiff", "inplace"):
             return primal + self.clear(t, state)
-        if callee.kind == "container":
-            return primal + self.container(s, callee, state, t)
+        if (isinstance(value, gast.Call) and isinstance(value.func, gast.Attribute)
+                and value.func.attr in _DICT_READS and isinstance(value.func.value, gast.Name)
+                and not getattr(value.func, "pg_static", False) and not value.keywords):
+            recv = value.func.value
+            call = _call(self.rt("view_tangent"), self.raw(recv, state), ir.clone(recv),
+                         ir.const(value.func.attr),
+                         gast.Tuple(elts=[ir.clone(a) for a in value.args], ctx=gast.Load()),
+                         gast.Tuple(elts=[self.raw(a, state) for a in value.args],
+                                    ctx=gast.Load()))
+            return primal + self.set(t, call, state, maybe=True)
         args, keywords = _call_operands(value)
         tmpl = self.ctx.registry.lookup_tangent(callee.obj) if callee.obj is not None else None
         if tmpl is not None:
@@ -262,6 +279,9 @@ class Forward:
         recv = call.func.value
         if not (isinstance(recv, gast.Name) and self.active(recv)):
             return self.clear(t, state) if t else []
+        if t is not None and callee.label not in ("pop",):  # a reading method: x = d.get(k)
+            if t not in self.act.active:
+                return self.clear(t, state)
         if callee.label not in _MIRRORED:
             self.fail(s, f"the method {callee.label}() on a container holding tangents",
                       "index the container, or build a new one (append, extend, pop, insert "
@@ -280,8 +300,8 @@ class Forward:
             args = [ir.clone(a) for a in args]
         mirrored = _call(gast.Attribute(value=ir.name(self.tname(recv.id)), attr=callee.label,
                                         ctx=gast.Load()), *args)
-        if t is None:
-            return pre + [gast.Expr(value=mirrored)]
+        if t is None or t not in self.act.active:
+            return pre + [gast.Expr(value=mirrored)] + (self.clear(t, state) if t else [])
         # the primal statement (x = lst.pop()) is emitted by the caller before this
         return pre + self.set(t, mirrored, state, maybe=True)
 
@@ -306,9 +326,8 @@ class Forward:
         plain, expr = self.instantiate(s, tmpl, mapping, t, state)
         if expr is None:
             return pre + [ir.clone(s)] + self.clear(t, state)
-        maybe = any(isinstance(v, gast.Name) and v.id in self.act.varied
-                    and v.id not in self.act.tensor for v in mapping.values()
-                    ) and tmpl.name in ("getitem", "seq_getitem", "unpack")
+        # a template that handles None tangents (container reads) may give None
+        maybe = getattr(tmpl.fn, "__propgen_tangent_none__", False)
         return pre + [ir.clone(s)] + plain + self.set(t, expr, state, maybe)
 
     def instantiate(self, s: gast.AST, tmpl: Template, mapping: dict, t: str,
@@ -432,10 +451,11 @@ class _Substitute(gast.NodeTransformer):
                 raise TypeError(f"tangent template {self.tmpl.name}: t[...] must name one of "
                                 f"the op's parameters {tuple(self.tmpl.params[1:])}")
             target = self.mapping[key.id]
+            fill = not getattr(self.tmpl.fn, "__propgen_tangent_none__", False)
             if isinstance(target, gast.Tuple):  # *args: a tuple of tangents
-                parts = [self.fwd.read(e, self.state) for e in target.elts]
+                parts = [self.fwd.read(e, self.state, fill) for e in target.elts]
                 return gast.Tuple(elts=parts, ctx=gast.Load())
-            return self.fwd.read(target, self.state)
+            return self.fwd.read(target, self.state, fill)
         self.generic_visit(node)
         return node
 

@@ -603,6 +603,12 @@ class Normalizer:
                 "propgen.insert_grad_of outside a with statement",
                 "write: with propgen.insert_grad_of(x) as dx: ...",
             )
+        as_function = getattr(value, "__propgen_function__", None)
+        if as_function is not None and not isinstance(value, type):
+            if getattr(value, "bound", ()):
+                self.fail(e, "calling a derivative of a method from a differentiated function",
+                          "take the derivative of a plain function of the module and inputs")
+            value = as_function()  # a function made by propgen: inline its generated code
         if self._inlinable(value):
             return self.inline(value, e, hint)
         fnode = self.static_ref(func)
@@ -1014,6 +1020,14 @@ class Normalizer:
                 self.stmt(b)
             self.nograd = saved
             return
+        if fn is torch.enable_grad:  # reverse-mode code of a call without an adjoint template
+            self.fail(
+                s,
+                "differentiating code generated for a call without an adjoint template "
+                "(torch.autograd computes its backward)",
+                "register an adjoint template (@propgen.adjoint) and a tangent template "
+                "(@propgen.tangent) for that call, so that its derivative is code propgen reads",
+            )
         self.fail(
             s,
             "this with statement",

@@ -12,7 +12,7 @@ import gast
 
 from propgen import ir
 from propgen.templates import helpers
-from propgen.transform import Comment, Pop, PopAppend, PopSlot, Reverse
+from propgen.transform import Comment, Pop, PopAppend, PopSlot, Reverse, UndoPop
 
 __all__ = ["build"]
 
@@ -190,6 +190,14 @@ def _resolve(code: list, restore: set, reads: set, rev: Reverse) -> list:
                 rev.redo_used = True
                 out.append(gast.Expr(value=call))
             continue
+        if isinstance(s, UndoPop):
+            if s.items in reads:
+                call = gast.Call(func=rev.rt("undo_pop"),
+                                 args=[ir.name(s.items), ir.name(s.value), ir.name(rev.redo)],
+                                 keywords=[])
+                out.append(gast.Expr(value=call))
+                rev.redo_used = True
+            continue
         if isinstance(s, PopAppend):
             if s.items in reads:
                 if s.count is None:
@@ -227,6 +235,8 @@ def _marker_loads(code: list, restore: set, reads: set) -> set:
             out.update(ir.names_in(s.index))
         if isinstance(s, PopAppend) and s.items in reads and s.count is not None:
             out.update(ir.names_in(s.count))
+        if isinstance(s, UndoPop) and s.items in reads:
+            out.add(s.value)
     return out
 
 

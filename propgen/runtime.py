@@ -29,6 +29,8 @@ __all__ = [
     "meta",
     "undo_append",
     "undo_extend",
+    "undo_pop",
+    "unpop_adjoint",
     "redo_all",
     "receive",
     "route",
@@ -381,6 +383,22 @@ def undo_extend(items: list, count: int, redo: list) -> None:
     del items[cut:]
 
 
+_POP = object()
+
+
+def undo_pop(items: list, value: Any, redo: list) -> None:
+    """Undo ``value = items.pop()``: put ``value`` back, logging the pop in ``redo``."""
+    items.append(value)
+    redo.append((items, _POP, None))
+
+
+def unpop_adjoint(d_items: Any, items: list, d_value: Any) -> list:
+    """The adjoint of a list before ``value = items.pop()``: the adjoint after it (None: no
+    gradient yet), with the popped value's gradient at the end."""
+    before = [None] * len(items) if d_items is None else list(d_items)
+    return before + [d_value]
+
+
 def redo_all(redo: list) -> None:
     """Redo, in the forward's order, what the backward undid to read earlier values: after the
     backward, buffers and lists hold what the forward left in them, as the original function
@@ -388,6 +406,8 @@ def redo_all(redo: list) -> None:
     for container, index, value in reversed(redo):
         if index is _APPEND:
             container.extend(value)
+        elif index is _POP:
+            container.pop()
         else:
             restore_slot(container, index, value, [])
     redo.clear()

@@ -8,11 +8,16 @@ are plain functions with no state.
 
 from __future__ import annotations
 
+import linecache
 import operator
-from collections.abc import Callable
+import re
+import sys
+from collections.abc import Callable, ItemsView, KeysView, ValuesView
 from typing import Any
 
 import torch
+
+from propgen.errors import Location, UnsupportedSyntaxError
 
 __all__ = [
     "tangent_or_zeros",
@@ -24,7 +29,11 @@ __all__ = [
     "operation_of",
     "opaque_jvp",
     "ones_seed",
+    "view_tangent",
+    "item_tangent",
 ]
+
+_VIEWS = (ItemsView, KeysView, ValuesView)
 
 
 def zeros_tangent(x: Any) -> Any:
@@ -32,10 +41,12 @@ def zeros_tangent(x: Any) -> Any:
     the same structure for containers, None for what has no tangent (ints, shapes, None)."""
     if isinstance(x, torch.Tensor):
         return torch.zeros_like(x) if x.is_floating_point() or x.is_complex() else None
-    if isinstance(x, (float, complex)):
-        return 0.0
+    if isinstance(x, (float, complex)) or (isinstance(x, int) and not isinstance(x, bool)):
+        return 0.0  # an int that "varies" (read from a varied container) is a constant
     if isinstance(x, tuple) and hasattr(x, "_fields"):  # named tuples (torch.max's result)
         return type(x)(*(zeros_tangent(e) for e in x))
+    if isinstance(x, _VIEWS):
+        return [zeros_tangent(e) for e in x]
     if isinstance(x, (list, tuple)):
         return type(x)(zeros_tangent(e) for e in x)
     if isinstance(x, dict):
@@ -47,12 +58,19 @@ def tangent_or_zeros(t: Any, x: Any) -> Any:
     """``t``, with zeros of ``x``'s shape where it is None (at any depth of a container)."""
     if t is None:
         return zeros_tangent(x)
+    if isinstance(x, _VIEWS):
+        x = list(x)
     if isinstance(t, (list, tuple)) and isinstance(x, (list, tuple)):
         items = [tangent_or_zeros(a, b) for a, b in zip(t, x)]
         return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
     if isinstance(t, dict) and isinstance(x, dict):
         return {k: tangent_or_zeros(t.get(k), v) for k, v in x.items()}
     return t
+
+
+def item_tangent(t: Any, index: Any) -> Any:
+    """``t[index]`` where ``t`` (the tangent of a container or a tensor) may be None."""
+    return None if t is None else t[index]
 
 
 def zero_tangents(items: Any) -> Any:
@@ -117,11 +135,15 @@ def _tensor_args(args: tuple, tangents: tuple) -> list:
     for i, (x, t) in enumerate(zip(args, tangents)):
         if t is None:
             continue
+        if isinstance(x, _VIEWS):
+            x = list(x)
         t = tangent_or_zeros(t, x)
+        if t is None or not _differentiable(x):
+            continue  # integer tensors (indices), shapes, None: no tangent
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             x = torch.as_tensor(x, dtype=torch.get_default_dtype())
             t = torch.as_tensor(t, dtype=x.dtype)
-        out.append((i, x, t))
+        out.append((i, _dense(x), _dense(t)))
     return out
 
 
@@ -146,7 +168,85 @@ def opaque_jvp(fn: Callable, args: tuple, kwargs: dict, tangents: tuple,
 
     primals = tuple(x for _, x, _ in moving)
     tans = tuple(t for _, _, t in moving)
-    return torch.func.jvp(call, primals, tans)
+    try:
+        return torch.func.jvp(call, primals, tans)
+    except RuntimeError as exc:
+        if "to return only tensors" not in str(exc):
+            raise
+        out = fn(*args, **kwargs)
+        if _constant(out):  # sizes, dims, flags: nothing that carries a tangent
+            return out, None
+        frame = sys._getframe(1)
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+        raise UnsupportedSyntaxError(
+            _user_line(frame.f_code.co_filename, frame.f_lineno),
+            f"forward mode through the call {name}(...), which returns an object whose "
+            "tensors propgen cannot see,",
+            "register tangent templates (@propgen.tangent) for this call and the calls that use "
+            "its result, or keep such objects inside a function of tensors to tensors",
+        ) from None
+
+
+def _dense(t: Any) -> Any:
+    """A tangent torch.func.jvp accepts: an expanded tangent (``expand_like``'s stride-0 view)
+    is materialized, since forward AD refuses tangents whose elements share memory."""
+    if isinstance(t, (list, tuple)):
+        return type(t)(_dense(e) for e in t)
+    if isinstance(t, torch.Tensor) and t.numel() > 1 and 0 in t.stride():
+        return t.contiguous()
+    return t
+
+
+def _differentiable(x: Any) -> bool:
+    """A value torch.func.jvp can move: a floating tensor, a float, or a list or tuple of
+    floating tensors."""
+    if isinstance(x, torch.Tensor):
+        return x.is_floating_point() or x.is_complex()
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(isinstance(e, torch.Tensor) and _differentiable(e) for e in x)
+    return isinstance(x, float)
+
+
+def _constant(value: Any) -> bool:
+    """Whether ``value`` holds nothing a tangent could ride on (no floating tensor, and no
+    object that might hide one)."""
+    if value is None or isinstance(value, (bool, int, str, torch.Size, torch.dtype,
+                                           torch.device)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return not (value.is_floating_point() or value.is_complex())
+    if isinstance(value, (list, tuple)):
+        return all(_constant(v) for v in value)
+    if isinstance(value, dict):
+        return all(_constant(v) for v in value.values())
+    return False
+
+
+def _user_line(path: str, lineno: int) -> Location | None:
+    """The user's line that generated code at path:lineno came from (the provenance comment
+    above it), or None when there is none."""
+    for i in range(lineno, 0, -1):
+        m = re.match(r"\s*# (\S+):(\d+)  (.*)", linecache.getline(path, i))
+        if m:
+            return Location(m.group(1), int(m.group(2)), m.group(3))
+    return None
+
+
+def view_tangent(t_receiver: Any, receiver: Any, name: str, args: tuple, t_args: tuple) -> Any:
+    """The tangent of ``receiver.name(*args)`` for a dict's reading methods (values, items,
+    get, keys); another receiver (a tensor's ``.values()``) goes through torch.func.jvp."""
+    if not isinstance(receiver, dict):
+        return opaque_jvp(method_of(name), (receiver, *args), {}, (t_receiver, *t_args), {})[1]
+    mirror = t_receiver if t_receiver is not None else dict.fromkeys(receiver)
+    if name == "values":
+        return [mirror.get(k) for k in receiver]
+    if name == "items":
+        return [(None, mirror.get(k)) for k in receiver]
+    if name == "get":
+        if args[0] in receiver:
+            return mirror.get(args[0])
+        return t_args[1] if len(t_args) > 1 else None
+    return None  # keys carry no tangent
 
 
 def ones_seed(result: Any) -> Any:

@@ -154,7 +154,7 @@ def adjoint(*keys: Any) -> Callable[[Callable], Callable]:
     return mark
 
 
-def tangent(*keys: Any) -> Callable[[Callable], Callable]:
+def tangent(*keys: Any, none_is_zero: bool = False) -> Callable[[Callable], Callable]:
     """Mark ``fn`` as the tangent (forward-mode) template of ``keys``.
 
     A key may be an adjoint template: the tangent then covers the same callables, and its
@@ -166,12 +166,18 @@ def tangent(*keys: Any) -> Callable[[Callable], Callable]:
         @tangent(ops.tanh)
         def tanh(result, input):
             t[result] = t[input] * (1 - result * result)
+
+    With ``none_is_zero=True`` the template reads tangents that may be None (meaning zero) as
+    they are, instead of having them filled with zeros: for container reads such as
+    ``x[i]``, where filling a whole list of tangents to read one item would be wasteful.
+    Its result may then be None too.
     """
     if not keys:
         raise TypeError("tangent() needs at least one callable to attach the template to")
 
     def mark(fn: Callable) -> Callable:
         fn.__propgen_tangent__ = keys
+        fn.__propgen_tangent_none__ = none_is_zero
         return fn
 
     return mark
@@ -262,11 +268,11 @@ class Registry:
         self.version += 1
         return tmpl
 
-    def tangent(self, *keys: Any) -> Callable[[Callable], Callable]:
+    def tangent(self, *keys: Any, none_is_zero: bool = False) -> Callable[[Callable], Callable]:
         """Decorator: register ``fn`` as the tangent template of ``keys`` in this registry."""
 
         def deco(fn: Callable) -> Callable:
-            tangent(*keys)(fn)
+            tangent(*keys, none_is_zero=none_is_zero)(fn)
             self.register_tangent(fn, keys)
             return fn
 

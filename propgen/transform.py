@@ -29,7 +29,7 @@ from propgen.normalize import Callee, Context
 from propgen.template import Template
 from propgen.templates import helpers
 
-__all__ = ["Reverse", "Pop", "PopSlot", "PopAppend", "Comment"]
+__all__ = ["Reverse", "Pop", "PopSlot", "PopAppend", "UndoPop", "Comment"]
 
 DEF, MAYBE = "def", "maybe"
 _RESULT = object()
@@ -66,6 +66,16 @@ class PopAppend(gast.stmt):
         super().__init__()
         self.items = items
         self.count = count
+
+
+class UndoPop(PopAppend):
+    """Marker: undo ``value = items.pop()`` here (put ``value`` back), if ``items`` is read."""
+
+    _fields = ()
+
+    def __init__(self, items: str, value: str) -> None:
+        super().__init__(items, None)
+        self.value = value
 
 
 class Comment(gast.stmt):
@@ -462,6 +472,10 @@ class Reverse:
         t = s.targets[0].id
         value = s.value
         pop = Pop(t, self.rebinds.get(id(s), True))
+        callee: Callee | None = getattr(value, "pg_callee", None)
+        if (callee is not None and callee.kind == "container" and callee.label == "pop"
+                and not value.args and isinstance(value.func.value, gast.Name)):
+            return self.rev_pop(s, t, value.func.value.id, state, pop)
         if t not in self.act.active or getattr(s, "pg_nograd", False):
             return [pop] + self._reset_multi(t, state)
         if getattr(s, "pg_node_output", False):  # the node's backward templates route it
@@ -470,7 +484,6 @@ class Reverse:
         if st is None:
             return [pop]
         d_t = self.dname(t)
-        callee: Callee | None = getattr(value, "pg_callee", None)
         if isinstance(value, gast.Name):
             accs = [(value, ir.name(d_t), False)] if self.act.is_active(value) else []
             return self._finish(s, t, [], accs, [], st, state, pop)
@@ -494,6 +507,23 @@ class Reverse:
             self.fail(s, f"the method {callee.label}() on a container holding gradients",
                       "index the container instead")
         return [pop]
+
+    def rev_pop(self, s: gast.Assign, t: str, items: str, state: dict, pop: Pop) -> list:
+        """``t = items.pop()``: t's gradient goes back onto the end of the list's gradient, and
+        the value goes back onto the list (so earlier pops see what they saw)."""
+        code: list = []
+        if (t in self.act.active and items in self.act.active
+                and self.read(t, state) is not None):
+            d_items = self.dname(items)
+            before = ir.name(d_items) if self.read(items, state) is not None else ir.const(None)
+            code.append(ir.assign(d_items, _call(self.rt("unpop_adjoint"), before,
+                                                 ir.name(items), ir.name(self.dname(t)))))
+            state[d_items] = DEF
+            code += self.reset(t, state)
+        elif t in self.act.multi:
+            code += self.reset(t, state)
+        header = self.comment(s, "Grad of: ") if code else []
+        return header + code + [UndoPop(items, t), pop]
 
     def _reset_multi(self, t: str, state: dict) -> list:
         return self.reset(t, state) if t in self.act.multi else []

@@ -595,7 +595,8 @@ def topk(result, input, k, dim=-1, largest=True, sorted=True):
 @adjoint(torch.trace, torch.Tensor.trace)
 def trace(result, input):
     """tr(A) = sum_i A_ii:  dA = dtr * I"""
-    d[input] = d[result] * torch.eye(*input.shape, dtype=input.dtype, device=input.device)
+    d[input] = d[result] * torch.eye(input.shape[0], input.shape[1], dtype=input.dtype,
+                                     device=input.device)
 
 
 # ==========================================================================================
