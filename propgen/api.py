@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -263,7 +264,9 @@ def _cached(registry: Registry, key: Any) -> Compiled | None:
 
 
 def _leaf_signature(fn: Callable) -> tuple:
-    """Which free tensors of ``fn`` require grad: they decide the implicit leaves."""
+    """What in ``fn``'s free names decides its generated code: which free tensors require grad
+    (the implicit leaves), and which functions it calls and propgen inlines (closures of one
+    code object may call different functions)."""
     out = []
     code = getattr(fn, "__code__", None)
     if code is None:
@@ -274,14 +277,21 @@ def _leaf_signature(fn: Callable) -> tuple:
             v = cell.cell_contents
         except ValueError:
             continue
-        if isinstance(v, torch.Tensor):
-            out.append((name, v.requires_grad))
+        out.extend(_free_key(name, v))
     g = fn.__globals__
     for name in code.co_names:
-        v = g.get(name)
-        if isinstance(v, torch.Tensor):
-            out.append((name, v.requires_grad))
+        out.extend(_free_key(name, g.get(name)))
     return tuple(out)
+
+
+def _free_key(name: str, v: Any) -> list:
+    if isinstance(v, torch.Tensor):
+        return [(name, v.requires_grad)]
+    if hasattr(v, "__propgen_function__") and not isinstance(v, type):
+        return [(name, "propgen", id(v))]
+    if isinstance(v, types.FunctionType):  # a redefined helper (a notebook cell run again)
+        return [(name, "function", id(v))]
+    return []
 
 
 def grad(

@@ -20,7 +20,7 @@ import torch
 
 from propgen import runtime, runtime_forward
 from propgen.analyse import analyse
-from propgen.api import Compiled, GradFunction, _cached, _Loaded, grad
+from propgen.api import Compiled, GradFunction, _cached, _leaf_signature, _Loaded, grad
 from propgen.emit import emit_module
 from propgen.fence import check
 from propgen.forward import Forward
@@ -172,7 +172,21 @@ def gradient_function(df: GradFunction) -> Callable:
     namespace = {c.fwd_name: df.base.forward, c.bwd_name: df.base.backward,
                  "ones_seed": runtime_forward.ones_seed, "grad_or_zeros": runtime.grad_or_zeros}
     df._plain = _plain_function(df.fn, lines, namespace)
+    _copy_defaults(df.fn, df._plain, params)
     return df._plain
+
+
+def _copy_defaults(fn: Callable, plain: Callable, params: list[str]) -> None:
+    """Give ``plain`` (parameters ``params``) the defaults of ``fn``'s same parameters."""
+    sig = inspect.signature(fn)
+    defaults = []
+    for p in params:
+        param = sig.parameters.get(p)
+        if param is not None and param.default is not inspect.Parameter.empty:
+            defaults.append(param.default)
+        else:
+            defaults = []
+    plain.__defaults__ = tuple(defaults) or None
 
 
 def _plain_function(fn: Callable, lines: list[str], namespace: dict) -> Callable:
@@ -224,7 +238,7 @@ def autodiff(
     code = getattr(target, "__code__", None)
     if code is None:
         raise TypeError(f"propgen.autodiff needs a Python function with source, not {f!r}")
-    key = ("jvp", code, code.co_filename, wrt, registry.version)
+    key = ("jvp", code, code.co_filename, wrt, registry.version, _leaf_signature(target))
     compiled = _cached(registry, key)
     if compiled is None:
         compiled = compile_forward(target, wrt, registry)

@@ -80,7 +80,7 @@ def expand_node(nz: Normalizer, e: gast.Call, hint: str, manager: Any) -> gast.A
                 "call manager.forward(x, ...) here, and manager.backward(loss) after the "
                 "function returns")
     if ctx.propagation is None:
-        nz.fail(e, "manager.forward(...) in a function compiled by propgen.grad",
+        nz.fail(e, "manager.forward(...) outside a @propgen.propagate function",
                 "decorate the function with @propgen.propagate instead")
     if len(e.args) != 1 or any(k.arg is None for k in e.keywords):
         nz.fail(e, "manager.forward with other than one positional argument",

@@ -603,6 +603,11 @@ class Normalizer:
                 "propgen.insert_grad_of outside a with statement",
                 "write: with propgen.insert_grad_of(x) as dx: ...",
             )
+        if getattr(value, "__propgen_undo__", False):
+            self.fail(e, "differentiating generated code that undoes in-place changes of lists "
+                      f"or buffers ({getattr(value, '__name__', 'undo')})",
+                      "in the original function, build new lists or tensors (torch.stack, "
+                      "torch.cat, list displays) instead of append/pop/extend or buf[i] = v")
         as_function = getattr(value, "__propgen_function__", None)
         if as_function is not None and not isinstance(value, type):
             if getattr(value, "bound", ()):

@@ -349,6 +349,13 @@ def pop_adjoint(d_items: Any, count: int | None = None) -> tuple:
 _EMPTY = object()
 
 
+def _undo(fn: Any) -> Any:
+    """Mark a helper that changes a container in place to undo the forward's changes: code
+    calling it cannot be differentiated again (the compiler says so)."""
+    fn.__propgen_undo__ = True
+    return fn
+
+
 def save_slot(buffer: Any, index: Any) -> Any:
     """What ``buffer[index] = ...`` is about to overwrite (a copy, for tensors)."""
     if isinstance(buffer, torch.Tensor):
@@ -358,6 +365,7 @@ def save_slot(buffer: Any, index: Any) -> Any:
     return buffer[index]
 
 
+@_undo
 def restore_slot(buffer: Any, index: Any, saved: Any, redo: list) -> None:
     """Undo ``buffer[index] = ...`` with the value :func:`save_slot` kept, logging the value
     it overwrites in ``redo`` so that :func:`redo_all` can bring the buffer back."""
@@ -371,11 +379,13 @@ def restore_slot(buffer: Any, index: Any, saved: Any, redo: list) -> None:
 _APPEND = object()
 
 
+@_undo
 def undo_append(items: list, redo: list) -> None:
     """Undo ``items.append(v)``, logging ``v`` in ``redo``."""
     redo.append((items, _APPEND, [items.pop()]))
 
 
+@_undo
 def undo_extend(items: list, count: int, redo: list) -> None:
     """Undo ``items.extend(vs)`` where ``len(vs) == count``, logging ``vs`` in ``redo``."""
     cut = len(items) - count
@@ -386,6 +396,7 @@ def undo_extend(items: list, count: int, redo: list) -> None:
 _POP = object()
 
 
+@_undo
 def undo_pop(items: list, value: Any, redo: list) -> None:
     """Undo ``value = items.pop()``: put ``value`` back, logging the pop in ``redo``."""
     items.append(value)
@@ -399,6 +410,7 @@ def unpop_adjoint(d_items: Any, items: list, d_value: Any) -> list:
     return before + [d_value]
 
 
+@_undo
 def redo_all(redo: list) -> None:
     """Redo, in the forward's order, what the backward undid to read earlier values: after the
     backward, buffers and lists hold what the forward left in them, as the original function

@@ -40,7 +40,11 @@ def zeros_tangent(x: Any) -> Any:
     """The zero tangent of ``x``: zeros of its shape for a floating tensor, 0.0 for a float,
     the same structure for containers, None for what has no tangent (ints, shapes, None)."""
     if isinstance(x, torch.Tensor):
-        return torch.zeros_like(x) if x.is_floating_point() or x.is_complex() else None
+        if x.is_floating_point() or x.is_complex():
+            return torch.zeros_like(x)
+        # an integer or boolean tensor read where a template expects a tangent (a mask, the
+        # indices of torch.max): a zero it can compute with
+        return torch.zeros(x.shape, device=x.device)
     if isinstance(x, (float, complex)) or (isinstance(x, int) and not isinstance(x, bool)):
         return 0.0  # an int that "varies" (read from a varied container) is a constant
     if isinstance(x, tuple) and hasattr(x, "_fields"):  # named tuples (torch.max's result)

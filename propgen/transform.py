@@ -512,15 +512,20 @@ class Reverse:
         """``t = items.pop()``: t's gradient goes back onto the end of the list's gradient, and
         the value goes back onto the list (so earlier pops see what they saw)."""
         code: list = []
-        if (t in self.act.active and items in self.act.active
-                and self.read(t, state) is not None):
+        has_t = t in self.act.active and self.read(t, state) is not None
+        has_items = items in self.act.active and self.read(items, state) is not None
+        if items in self.act.active and (has_t or has_items):
+            # the list's adjoint stays aligned with the list: a value without gradient adds
+            # a None at its place
             d_items = self.dname(items)
-            before = ir.name(d_items) if self.read(items, state) is not None else ir.const(None)
+            before = ir.name(d_items) if has_items else ir.const(None)
+            d_t = ir.name(self.dname(t)) if has_t else ir.const(None)
             code.append(ir.assign(d_items, _call(self.rt("unpop_adjoint"), before,
-                                                 ir.name(items), ir.name(self.dname(t)))))
-            state[d_items] = DEF
-            code += self.reset(t, state)
-        elif t in self.act.multi:
+                                                 ir.name(items), d_t)))
+            state[d_items] = state.get(d_items) or DEF
+            if has_t:
+                state[d_items] = DEF
+        if has_t or t in self.act.multi:
             code += self.reset(t, state)
         header = self.comment(s, "Grad of: ") if code else []
         return header + code + [UndoPop(items, t), pop]
