@@ -338,10 +338,12 @@ class Forward:
                           if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Store)})
         renames = {n: self.temp(("tmpl", id(s), n), f"{t}_{n}") for n in locals_}
         zeros: dict[str, _Zero] = {}
+        carrying: set = set()  # template locals whose value holds a tangent
         plain: list = []
         expr = None
         for stmt in tmpl.body:
-            sub = _Substitute(self, tmpl, mapping, result_param, t, renames, state, zeros)
+            sub = _Substitute(self, tmpl, mapping, result_param, t, renames, state, zeros,
+                              carrying)
             is_out = (isinstance(stmt, gast.Assign) and is_template_object(stmt.targets[0], "t",
                                                                             tmpl))
             if is_out:
@@ -359,6 +361,8 @@ class Forward:
                 if isinstance(value, _Zero):
                     zeros[local] = value
                     continue
+                if _carries(value):
+                    carrying.add(local)
                 new.value = _simplify(value)
             plain.append(new)
         if expr is None:
@@ -434,7 +438,7 @@ class _Substitute(gast.NodeTransformer):
     """Replaces a tangent template's parameters, locals, globals and ``t[...]`` reads."""
 
     def __init__(self, fwd: Forward, tmpl: Template, mapping: dict, result_param: str,
-                 t: str, renames: dict, state: dict, zeros: dict) -> None:
+                 t: str, renames: dict, state: dict, zeros: dict, carrying: set) -> None:
         self.fwd = fwd
         self.tmpl = tmpl
         self.mapping = mapping
@@ -443,6 +447,7 @@ class _Substitute(gast.NodeTransformer):
         self.renames = renames
         self.state = state
         self.zeros = zeros
+        self.carrying = carrying
 
     def visit_Subscript(self, node: gast.Subscript) -> gast.AST:
         if is_template_object(node, "t", self.tmpl):
@@ -468,7 +473,7 @@ class _Substitute(gast.NodeTransformer):
             return ir.clone(self.mapping[node.id])
         if node.id in self.renames:
             out = ir.name(self.renames[node.id], isinstance(node.ctx, gast.Store))
-            out.pg_tangent = True  # template locals are tangents (zeros were dropped above)
+            out.pg_tangent = node.id in self.carrying
             return out
         if isinstance(node.ctx, gast.Load):
             g = self.tmpl.globals

@@ -100,6 +100,7 @@ class OpCase:
     float32: bool = True
     evaluator: bool = True  # also check with the compiler-free tape evaluator
     hvp: str = ""  # why forward-over-reverse is not checked for this entry ("" = it is)
+    jvp_tol: float = 1.0  # tolerance multiplier of the forward-mode check
 
     @property
     def name(self) -> str:
@@ -190,7 +191,11 @@ def f_pow_at_zero(x, y, w):
 
 case(f_pow_at_zero,
      lambda m: (m.tensor([0.0, 0.0, 2.0, 1.5]), m.tensor([0.0, 2.0, 0.0, 1.3]), m.randn(4)),
-     (0, 1), (operator.pow,))
+     (0, 1), (operator.pow,),
+     hvp="x = 0 and p = 0 are sampled on purpose: x**p has no second derivative at x = 0 "
+         "(autograd's double backward gives NaN), and at p = 0 torch's zero gradient 'where "
+         "p == 0' makes autograd's mixed second derivative asymmetric (it returns H^T v, "
+         "not H v)")
 
 
 def f_remainder(x, y, w):
@@ -593,7 +598,8 @@ def f_norm_ties_and_zero(x, z, w):
 
 case(f_norm_ties_and_zero,
      lambda m: (m.tensor([[1.0, -3.0, 3.0], [2.0, 0.5, -1.0]]), m.tensor([0.0, 0.0]), m.randn(2)),
-     (0, 1), (T.norm, torch.linalg.vector_norm))
+     (0, 1), (T.norm, torch.linalg.vector_norm),
+     hvp="the 2-norm of z = 0 has no second derivative (autograd's double backward gives NaN)")
 
 
 def f_std_constant(x, w):
@@ -959,7 +965,10 @@ def f_casts(x, y, w):
 
 case(f_casts, lambda m: (m.randn(3, 4), m.randn(1).double(), m.randn(3, 4)), (0,),
      (T.to, T.double, T.float, T.type_as, T.cpu, T.half, T.bfloat16), tol=100,
-     devices=("cpu",))
+     devices=("cpu",),
+     # a tangent through .half()/.bfloat16() is rounded like the value (torch.func.jvp too);
+     # the reference <gradient, v> is not: bfloat16's 8 bits set the tolerance
+     jvp_tol=300)
 
 
 def f_cuda(x, w):
@@ -984,7 +993,10 @@ def f_activations(x, w):
 
 case(f_activations, lambda m: (m.with_zeros(4, 5), m.randn(4, 5)), (0,),
      (F.relu6, F.hardtanh, F.hardsigmoid, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
-      F.mish, F.softplus, F.logsigmoid, F.softsign))
+      F.mish, F.softplus, F.logsigmoid, F.softsign),
+     hvp="autograd has no double backward of F.hardsigmoid (aten::hardsigmoid_backward), and "
+         "the zeros sampled on purpose are kinks of elu/selu/celu's slope (no second "
+         "derivative: autograd takes the x > 0 side's 0, propgen the x <= 0 side's alpha)")
 
 
 def f_activation_bounds(x, w):
@@ -995,7 +1007,10 @@ def f_activation_bounds(x, w):
 
 case(f_activation_bounds,
      lambda m: (m.tensor([-3.0, -1.0, 0.0, 1.0, 1.5, 3.0, 6.0]), m.randn(7)), (0,),
-     (F.hardtanh, F.relu6, F.hardsigmoid, F.softplus))
+     (F.hardtanh, F.relu6, F.hardsigmoid, F.softplus),
+     hvp="autograd has no double backward of F.hardsigmoid, and x = 1.5 sits on "
+         "softplus(beta=2, threshold=3)'s switch, where the second derivative jumps (autograd's "
+         "double backward takes the linear side there, its gradient the sigmoid side)")
 
 
 def f_softmax(x, w):
@@ -1036,7 +1051,9 @@ def f_normalize(x, w):
     return (out * w).sum() + (F.normalize(x * 0, dim=1) * w).sum()
 
 
-case(f_normalize, lambda m: (m.randn(3, 4), m.randn(3, 4)), (0,), (F.normalize,))
+case(f_normalize, lambda m: (m.randn(3, 4), m.randn(3, 4)), (0,), (F.normalize,),
+     hvp="F.normalize(x * 0) normalizes a zero vector: the term is identically 0, but "
+         "autograd's double backward through its zero norm gives NaN")
 
 
 def f_embedding(idx, weight, w, v):
@@ -1259,7 +1276,8 @@ def test_op_jvp(c: OpCase, dtype: torch.dtype, device: str) -> None:
     rtol, atol = DTYPES[dtype]
     scale = sum(g.abs().sum() * v.abs().max() for g, v in zip(grads, tans)) + 1
     torch.testing.assert_close(got, want.to(got.dtype) if isinstance(got, torch.Tensor) else want,
-                               rtol=rtol * c.tol, atol=atol * c.tol * float(scale),
+                               rtol=rtol * c.tol * c.jvp_tol,
+                               atol=atol * c.tol * c.jvp_tol * float(scale),
                                msg=lambda m: f"forward mode of {c.name}: {m}")
 
 
