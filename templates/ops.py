@@ -212,7 +212,8 @@ def xlogy(result, input, other):
     """xlogy(x, y) = x log(y), defined as 0 where x == 0: d/dx = log(y) (0 where also y <= 0)."""
     zero_zero = (input == 0) & (other <= 0)
     d[input] = unbroadcast(torch.where(zero_zero, 0.0, d[result] * torch.log(other)), input)
-    d[other] = unbroadcast(torch.where(input == 0, 0.0, d[result] * input / other), other)
+    # torch's formula, unmasked: masking x == 0 would hide the cross term d2/dx dy = 1/y
+    d[other] = unbroadcast(d[result] * input / other, other)
 
 
 # ==========================================================================================
