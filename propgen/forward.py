@@ -325,7 +325,10 @@ class Forward:
             self.act.useful.add(old)
         plain, expr = self.instantiate(s, tmpl, mapping, t, state)
         if expr is None:
-            return pre + [ir.clone(s)] + self.clear(t, state)
+            return [ir.clone(s)] + self.clear(t, state)
+        if pre and pre[0].targets[0].id not in {n for st in plain + [expr]
+                                                for n in ir.names_in(st)}:
+            pre = []  # the tangent does not read the old value: no copy (no dead code)
         # a template that handles None tangents (container reads) may give None
         maybe = getattr(tmpl.fn, "__propgen_tangent_none__", False)
         return pre + [ir.clone(s)] + plain + self.set(t, expr, state, maybe)
