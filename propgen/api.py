@@ -64,13 +64,7 @@ def compile_reverse(fn: Callable, wrt: tuple[int, ...], registry: Registry,
         from propgen.routing import number_nodes
 
         number_nodes(ctx, body, propagation.sites)
-    for i in wrt:
-        if not -len(params) <= i < len(params):
-            raise ValueError(
-                f"propgen.grad: wrt index {i} is out of range for {pf.name}, which has "
-                f"{len(params)} parameter(s) {tuple(params)}"
-            )
-    wrt = tuple(i % len(params) for i in wrt)
+    wrt = resolve_wrt("propgen.grad", pf.name, params, wrt)
     wrt_names = [params[i] for i in wrt]
     for p in params:  # other arguments that require grad are leaves, as for loss.backward()
         v = ctx.samples.get(p)
@@ -98,6 +92,17 @@ def compile_reverse(fn: Callable, wrt: tuple[int, ...], registry: Registry,
     return Compiled(text, path, code, fwd_name, bwd_name, params, wrt, dict(ctx.namespace),
                     inlined, fn.__code__.co_freevars,
                     tuple(id(c) for c in (fn.__closure__ or ())), fn.__globals__)
+
+
+def resolve_wrt(api: str, name: str, params: list[str], wrt: tuple[int, ...]) -> tuple:
+    """``wrt`` positions checked against ``params`` and made non-negative."""
+    for i in wrt:
+        if not -len(params) <= i < len(params):
+            raise ValueError(
+                f"{api}: wrt index {i} is out of range for {name}, which has "
+                f"{len(params)} parameter(s) {tuple(params)}"
+            )
+    return tuple(i % len(params) for i in wrt)
 
 
 class _Loaded:

@@ -20,7 +20,15 @@ import torch
 
 from propgen import runtime, runtime_forward
 from propgen.analyse import analyse
-from propgen.api import Compiled, GradFunction, _cached, _leaf_signature, _Loaded, grad
+from propgen.api import (
+    Compiled,
+    GradFunction,
+    _cached,
+    _leaf_signature,
+    _Loaded,
+    grad,
+    resolve_wrt,
+)
 from propgen.emit import emit_module
 from propgen.fence import check
 from propgen.forward import Forward
@@ -40,13 +48,7 @@ def compile_forward(fn: Callable, wrt: tuple[int, ...], registry: Registry) -> C
     ctx = Context(registry=registry)
     params, body = normalize(ctx, pf)
     body = prune_dead_code(body)
-    for i in wrt:
-        if not -len(params) <= i < len(params):
-            raise ValueError(
-                f"propgen.autodiff: wrt index {i} is out of range for {pf.name}, which has "
-                f"{len(params)} parameter(s) {tuple(params)}"
-            )
-    wrt = tuple(i % len(params) for i in wrt)
+    wrt = resolve_wrt("propgen.autodiff", pf.name, params, wrt)
     wrt_names = [params[i] for i in wrt]
     act = analyse(params, body, wrt_names, body[-1].value)
     fwd = Forward(ctx, pf.name, params, body, wrt_names, act)

@@ -24,7 +24,14 @@ from propgen.analyse import Activity
 from propgen.errors import UnsupportedSyntaxError
 from propgen.normalize import Callee, Context
 from propgen.template import Template, is_template_object
-from propgen.transform import Comment, _call_operands, _index_value, _literal, _simplify
+from propgen.transform import (
+    Comment,
+    _call_operands,
+    _index_value,
+    _literal,
+    _simplify,
+    bind_template,
+)
 
 __all__ = ["Forward"]
 
@@ -308,9 +315,7 @@ class Forward:
     # -------------------------------------------------------------- templates
     def template(self, s: gast.Assign, t: str, tmpl: Template, args: list, keywords: list,
                  state: dict) -> list:
-        from propgen.transform import Reverse
-
-        mapping = Reverse.bind_template(self, s, tmpl, args, keywords)
+        mapping = bind_template(self, s, tmpl, args, keywords)
         arg_names = {n.id for v in mapping.values() for n in ir.walk(v)
                      if isinstance(n, gast.Name)}
         pre: list = []

@@ -581,32 +581,7 @@ class Reverse:
         return header + pre + code + pops
 
     def bind_template(self, s: gast.AST, tmpl: Template, args: list, keywords: list) -> dict:
-        kwargs = {k.arg: k.value for k in keywords}
-        try:
-            ba = tmpl.signature.bind(_RESULT, *args, **kwargs)
-        except TypeError as exc:
-            self.fail(s, f"this call's arguments for the adjoint template {tmpl.name} ({exc})",
-                      "call the op with the parameters its template declares "
-                      f"{tuple(tmpl.params[1:])}, or register your own with @propgen.adjoint")
-        ba.apply_defaults()
-        mapping: dict[str, gast.AST] = {}
-        for pname, v in ba.arguments.items():
-            kind = tmpl.signature.parameters[pname].kind
-            if v is _RESULT:
-                continue
-            if kind == inspect.Parameter.VAR_POSITIONAL:
-                mapping[pname] = gast.Tuple(elts=[_index_value(e) for e in v], ctx=gast.Load())
-            elif kind == inspect.Parameter.VAR_KEYWORD:
-                mapping[pname] = gast.Dict(keys=[ir.const(k) for k in v],
-                                           values=[_index_value(e) for e in v.values()])
-            elif isinstance(v, gast.AST):
-                mapping[pname] = _index_value(v)
-            elif _literal(v):
-                mapping[pname] = ir.const(v)
-            else:
-                ns = self.ctx.bind("value", tmpl, pname, v, f"{tmpl.name}_{pname}")
-                mapping[pname] = ir.name(ns)
-        return mapping
+        return bind_template(self, s, tmpl, args, keywords)
 
     def rev_template(self, s: gast.Assign, t: str, callee: Callee, st: str, state: dict,
                      pop: Pop) -> list:
@@ -718,6 +693,37 @@ class Reverse:
             self.act.multi.update(tracked)
         pops = [Pop(n) for n in reversed(tracked)] + [pop]  # the forward pushed t first
         return self._finish(s, t, [], accs, plain, st, state, pops)
+
+
+def bind_template(self: Any, s: gast.AST, tmpl: Template, args: list, keywords: list) -> dict:
+    """Template parameter -> the call site's atom (or a bound constant); ``self`` is the
+    transform (reverse or forward), for its context and its errors."""
+    kwargs = {k.arg: k.value for k in keywords}
+    try:
+        ba = tmpl.signature.bind(_RESULT, *args, **kwargs)
+    except TypeError as exc:
+        self.fail(s, f"this call's arguments for the adjoint template {tmpl.name} ({exc})",
+                  "call the op with the parameters its template declares "
+                  f"{tuple(tmpl.params[1:])}, or register your own with @propgen.adjoint")
+    ba.apply_defaults()
+    mapping: dict[str, gast.AST] = {}
+    for pname, v in ba.arguments.items():
+        kind = tmpl.signature.parameters[pname].kind
+        if v is _RESULT:
+            continue
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            mapping[pname] = gast.Tuple(elts=[_index_value(e) for e in v], ctx=gast.Load())
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            mapping[pname] = gast.Dict(keys=[ir.const(k) for k in v],
+                                       values=[_index_value(e) for e in v.values()])
+        elif isinstance(v, gast.AST):
+            mapping[pname] = _index_value(v)
+        elif _literal(v):
+            mapping[pname] = ir.const(v)
+        else:
+            ns = self.ctx.bind("value", tmpl, pname, v, f"{tmpl.name}_{pname}")
+            mapping[pname] = ir.name(ns)
+    return mapping
 
 
 def _simplify(node: gast.AST) -> gast.AST:
