@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from propgen.api import _cached, _leaf_signature, _Loaded, compile_reverse
+from propgen.distributed import World, leaves_of, reduce_leaf_grads, resolve_world
 from propgen.propagators import BackPropagator, LossProp, Propagator
 from propgen.template import Registry
+from propgen.templates.estimators import mean_gradient
 
 __all__ = ["PropagationManager", "propagate", "PropagatedFunction"]
 
@@ -36,12 +38,23 @@ class PropagationManager:
     ``backprop=False`` leaves unsent).  ``check_nan=True`` compiles checks that raise, naming
     the node's call site, when a node's output, the gradient it sends or its messages hold a
     NaN or inf (off by default: it costs a device synchronization per node).
+
+    ``process_group`` spans the propagation over processes (see :mod:`propgen.distributed`):
+    ``"auto"`` (the default) is torch.distributed's default group once one is initialized,
+    ``None`` keeps each process on its own, or pass a group.  Over N processes the batch
+    statistics (baselines, TotalProp's variances, Gaussian shaping's fits, the batch size of
+    the mean) are all-reduced and ``backward`` sums the leaf gradients, so N processes with
+    B/N samples each compute the estimate of one process with B samples; a scalar loss counts
+    1/N in each process, as DDP averages.  ``shard_noise=True`` draws every node's noise for
+    the whole batch in every process (seeded alike) and keeps the process's rows: the same
+    estimate, to rounding, whatever the number of processes.
     """
 
     def __init__(self, default_propagator: Propagator | None = None,
                  loss_propagator: LossProp | None = None,
                  terminal_propagator: Propagator | None | str = "backprop",
-                 check_nan: bool = False) -> None:
+                 check_nan: bool = False, process_group: Any = "auto",
+                 shard_noise: bool = False) -> None:
         if terminal_propagator == "backprop":
             terminal_propagator = BackPropagator()
         if default_propagator is None:
@@ -56,6 +69,8 @@ class PropagationManager:
         self.loss_propagator = loss_propagator
         self.terminal_propagator = terminal_propagator
         self.check_nan = bool(check_nan)
+        self.process_group = process_group
+        self.shard_noise = bool(shard_noise)
         self.propagators: dict[str, Propagator] = {}
         self._tape: list[_Record] = []
 
@@ -73,6 +88,10 @@ class PropagationManager:
                 tuple((k, p.structure()) for k, p in sorted(self.propagators.items())),
                 self.terminal_propagator is None, self.check_nan,
                 self.loss_propagator.structure() if self.loss_propagator else None)
+
+    def world(self) -> World:
+        """The processes this manager's propagation spans now (``process_group`` resolved)."""
+        return resolve_world(self.process_group, self.shard_noise)
 
     def forward(self, x: Any, **kwargs: Any) -> Any:
         """Only meaningful inside a function decorated with ``@propgen.propagate``."""
@@ -105,6 +124,24 @@ class PropagationManager:
                 "manager.backward() with nothing recorded: call the @propgen.propagate "
                 "function first (each forward can be backpropagated once)")
         lossprop = self.loss_propagator or self.default_propagator.loss_propagator()
+        world = self.world()
+        if world.size == 1:
+            return self._backward(tape, loss, lossprop, world)
+        # over several processes: sum what this backward adds to each leaf's .grad
+        leaves = leaves_of(_reachable(tape, self))
+        before = [leaf.grad for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        try:
+            messages = self._backward(tape, loss, lossprop, world)
+        except BaseException:
+            for leaf, old in zip(leaves, before):
+                leaf.grad = old
+            raise
+        reduce_leaf_grads(world, leaves, before)
+        return messages
+
+    def _backward(self, tape: list, loss: Any, lossprop: LossProp, world: World) -> dict:
         messages: dict = {}
         seeds: dict[int, Any] = {}
         if loss is not None:
@@ -112,11 +149,12 @@ class PropagationManager:
                 raise TypeError(f"manager.backward(loss) needs a tensor, not {type(loss)}")
             per_sample = _per_sample(loss)
             messages["local_loss"] = per_sample
-            baselined = lossprop.apply_baseline(per_sample) if per_sample is not None else None
+            baselined = (lossprop.apply_baseline(per_sample, world) if per_sample is not None
+                         else None)
             if baselined is not None:
                 messages["baselined_loss"] = baselined
             if lossprop.lossgrad:
-                seeds = _seeds(tape, loss)
+                seeds = _seeds(tape, loss, world)
         for rec in reversed(tape):
             seed = seeds.get(id(rec))
             if seed is None:
@@ -138,9 +176,22 @@ def _per_sample(loss: torch.Tensor) -> torch.Tensor | None:
         "per-sample loss of shape (B,) or (B, 1)")
 
 
-def _seeds(tape: list, loss: torch.Tensor) -> dict:
+def _reachable(tape: list, manager: PropagationManager) -> list:
+    """What the recorded calls read where gradients may land: their arguments, the globals
+    and closure cells their code reads, and the propagators' tensor defaults."""
+    out: list = []
+    for rec in tape:
+        out.extend(rec.values)
+        ns = rec.loaded.namespace
+        out.extend(ns[name] for name, _ in rec.loaded.live if name in ns)
+    for prop in (manager.default_propagator, *manager.propagators.values()):
+        out.extend(prop.defaults.values())
+    return out
+
+
+def _seeds(tape: list, loss: torch.Tensor, world: World) -> dict:
     """The gradient of the (mean) loss at each record's result."""
-    weight = torch.full_like(loss, 1.0 / max(loss.numel(), 1))
+    weight = mean_gradient(loss.detach(), world)
     for rec in tape:
         if rec.result is loss:
             return {id(rec): weight}
@@ -376,9 +427,14 @@ class PropagatedFunction:
         loaded.refresh()
         ns = loaded.namespace
         recording = torch.is_grad_enabled()  # under torch.no_grad(): evaluation, no tape
+        facts = {"grad_enabled": recording, "world": None}
         for name, b in loaded.compiled.configs.items():
-            ns[name] = recording if b.source == _CALL else _config_value(
-                _resolve_path(manager, b.source), b.key)
+            if b.source != _CALL:
+                ns[name] = _config_value(_resolve_path(manager, b.source), b.key)
+            elif b.key == "world":
+                ns[name] = facts["world"] = facts["world"] or manager.world()
+            else:
+                ns[name] = facts[b.key]
         with torch.no_grad():
             result, saved = loaded.forward(*values)
         if not recording:

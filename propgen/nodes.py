@@ -157,8 +157,9 @@ def _expand(nz: Normalizer, manager: Any, prop: Any, x: gast.AST, atoms: dict, h
     parts = prop.parts()
     wanted = {p for part in parts for t in (part.forward, part.backward) if t is not None
               for p in inspect.signature(t).parameters}
-    if "grad_enabled" in wanted:
-        mapping["grad_enabled"] = ir.name(ctx.propagation.call_binding("grad_enabled"))
+    for fact in ("grad_enabled", "world"):  # facts of the call, bound at run time
+        if fact in wanted:
+            mapping[fact] = ir.name(ctx.propagation.call_binding(fact))
     for k in prop.internal:  # objects the propagator keeps across calls (run-time values)
         mapping[k] = ir.name(ctx.propagation.config_binding(prop, k))
     if getattr(prop, "baseline_func", None) is not None:

@@ -207,14 +207,16 @@ class LossProp(Propagator):
         # backward runs parts in reverse: the loss joins the message, then the baseline
         return [_baseline_part(self.baseline), Part(None, back)]
 
-    def apply_baseline(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """The ``baselined_loss`` message ``manager.backward`` sends with the final loss."""
+    def apply_baseline(self, loss: torch.Tensor, world: Any = None) -> torch.Tensor | None:
+        """The ``baselined_loss`` message ``manager.backward`` sends with the final loss
+        (``world``: the processes whose samples the baseline averages)."""
         b = self.baseline
         if b in (None, False, "none"):
             return None
         if callable(b):
             return loss - b(loss)
-        return loss - (tp.leave_one_out(loss) if b in (True, "loo") else tp.batch_mean(loss))
+        return loss - (tp.leave_one_out(loss, world) if b in (True, "loo")
+                       else tp.batch_mean(loss, world))
 
     @property
     def baseline_func(self) -> Callable | None:

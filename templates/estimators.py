@@ -3,6 +3,11 @@
 Each function is a few lines of tensor math with the batch as dimension 0.  They are plain
 functions of their arguments: a reader stepping through generated code can step into them
 and see the formula.
+
+The helpers that compute a statistic of the batch (a sum, a mean, a count, a covariance)
+take the node's ``world`` (:class:`propgen.distributed.World`): over several processes the
+batch is every process's samples, and the statistic is all-reduced; ``None`` (or a world of
+one process) is this process alone and calls no collective.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Any
 import torch
 from torch.distributions import Normal
 
+from propgen.distributed import World
+
 __all__ = [
     "Gaussian",
     "make_distribution",
@@ -20,6 +27,7 @@ __all__ = [
     "batch_weights",
     "leave_one_out",
     "batch_mean",
+    "batch_sum",
     "pooled_batch_variance",
     "Factored",
     "factored_outer",
@@ -88,22 +96,43 @@ def _as_tensor(v: Any, x: torch.Tensor) -> Any:
     return v
 
 
-def sample_like(dist: Any, x: torch.Tensor, reparameterized: bool) -> torch.Tensor:
-    """One draw of noise of ``x``'s shape (the distribution's batch shape broadcast to x)."""
+def sample_like(dist: Any, x: torch.Tensor, reparameterized: bool,
+                world: World | None = None) -> torch.Tensor:
+    """One draw of noise of ``x``'s shape (the distribution's batch shape broadcast to x);
+    with a ``world`` that shards noise, this process's rows of the whole batch's draw."""
     if isinstance(dist, Gaussian):  # as Normal.rsample draws it: loc + eps * scale
         loc, scale = dist.loc, dist.scale
         shape = x.shape
         for p in (loc, scale):
             if isinstance(p, torch.Tensor) and p.shape != shape:
                 shape = torch.broadcast_shapes(shape, p.shape)
-        eps = torch.empty(shape, dtype=x.dtype, device=x.device).normal_()
+        eps = _draw(lambda s: torch.empty(s, dtype=x.dtype, device=x.device).normal_(), shape,
+                    x, world)
         if isinstance(loc, (int, float)) and loc == 0:  # (eps is ours: scale it in place)
             return eps.mul_(scale) if isinstance(scale, (int, float)) else eps * scale
         return loc + eps * scale
     shape = torch.broadcast_shapes(x.shape, dist.batch_shape)
     extra = shape[: len(shape) - len(dist.batch_shape)] if dist.batch_shape else shape
-    draw = dist.rsample(extra) if reparameterized else dist.sample(extra)
+    if extra:
+        draw = _draw(dist.rsample if reparameterized else dist.sample, extra, x, world)
+    else:  # the distribution holds the batch: one draw of it
+        draw = dist.rsample(extra) if reparameterized else dist.sample(extra)
     return draw.expand(shape)
+
+
+def _draw(sample: Any, shape: Any, x: torch.Tensor, world: World | None) -> torch.Tensor:
+    if world is None:
+        return sample(tuple(shape))
+    return world.draw(sample, shape, x.device)
+
+
+def _sum(t: torch.Tensor, world: World | None) -> torch.Tensor:
+    # a sum over the batch: over every process's samples when the node spans several
+    return t if world is None else world.sum(t)
+
+
+def _count(n: int, world: World | None, device: Any) -> int:
+    return n if world is None else world.count(n, device)
 
 
 def location_score(dist: Any, noise: torch.Tensor) -> torch.Tensor:
@@ -187,23 +216,32 @@ def per_sample_loss(loss: Any, like: torch.Tensor, site: str) -> torch.Tensor:
     return loss
 
 
-def batch_weights(loss: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def batch_weights(loss: torch.Tensor, like: torch.Tensor,
+                  world: World | None = None) -> torch.Tensor:
     """``loss / B`` shaped to broadcast against ``like`` (batch first): the likelihood-ratio
-    gradient of the batch mean weights each sample's score by its loss over B."""
-    return (loss / loss.shape[0]).reshape((loss.shape[0],) + (1,) * (like.dim() - 1))
+    gradient of the batch mean weights each sample's score by its loss over B (B counts the
+    samples of every process the node spans)."""
+    b = _count(loss.shape[0], world, loss.device)
+    return (loss / b).reshape((loss.shape[0],) + (1,) * (like.dim() - 1))
 
 
-def leave_one_out(loss: torch.Tensor) -> torch.Tensor:
+def leave_one_out(loss: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """Each sample's baseline: the mean loss of the *other* samples (unbiased for LR)."""
-    n = loss.shape[0]
+    n = _count(loss.shape[0], world, loss.device)
     if n < 2:
         raise ValueError("a leave-one-out baseline needs a batch of at least 2 samples")
-    return (loss.sum(0, keepdim=True) - loss) / (n - 1)
+    return (_sum(loss.sum(0, keepdim=True), world) - loss) / (n - 1)
 
 
-def batch_mean(loss: torch.Tensor) -> torch.Tensor:
+def batch_mean(loss: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """The batch mean as baseline (slightly biased: each sample is in its own baseline)."""
-    return loss.mean(0, keepdim=True).expand_as(loss)
+    n = _count(loss.shape[0], world, loss.device)
+    return (_sum(loss.sum(0, keepdim=True), world) / n).expand_as(loss)
+
+
+def batch_sum(x: torch.Tensor, world: World | None = None) -> torch.Tensor:
+    """The sum over the batch (dim 0, kept) of every process the node spans."""
+    return _sum(x.sum(0, keepdim=True), world)
 
 
 class Factored:
@@ -237,15 +275,20 @@ class Factored:
         out = sum(torch.einsum("bi,bj->bij", left, right) for left, right in self.terms)
         return out.mT if self.transposed else out
 
-    def pooled_variance(self) -> torch.Tensor:
+    def pooled_variance(self, world: World | None = None) -> torch.Tensor:
         """sum_jk Var_i(c_ijk) = (sum_i |c_i|^2 - B |mean_i c_i|^2) / (B - 1), with
         |c_i|^2 = sum_ab (l_a[i] . l_b[i]) (r_a[i] . r_b[i])."""
-        b = self.terms[0][0].shape[0]
+        left0 = self.terms[0][0]
+        b = _count(left0.shape[0], world, left0.device)
         sq = 0.0
         for la, ra in self.terms:
             for lb, rb in self.terms:
                 sq = sq + ((la * lb).sum(1) * (ra * rb).sum(1)).sum()
-        mean = sum(left.T @ right for left, right in self.terms) / b
+        total = sum(left.T @ right for left, right in self.terms)
+        if world is not None and world.size > 1:  # one collective for both sums
+            both = world.sum(torch.cat([total.reshape(-1), torch.as_tensor(sq).reshape(1)]))
+            total, sq = both[:-1].reshape(total.shape), both[-1]
+        mean = total / b
         return (sq - b * (mean * mean).sum()) / max(b - 1, 1)
 
 
@@ -293,39 +336,45 @@ def per_sample_unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:
     return g.sum_to_size((g.shape[0],) + tuple(x.shape[1:]))
 
 
-def pooled_batch_variance(c: Any, batch: int) -> torch.Tensor:
+def pooled_batch_variance(c: Any, batch: int, world: World | None = None) -> torch.Tensor:
     """Sum over a target's elements of the sample variance over the batch (dim 0) of per-sample
-    contributions ``c``."""
+    contributions ``c`` (``batch`` of them here; the batch of every process ``world`` spans)."""
     if isinstance(c, Factored):
-        return c.pooled_variance()
+        return c.pooled_variance(world)
     if c.dim() == 0 or c.shape[0] != batch:
         raise ValueError(
             f"TotalProp needs per-sample contributions to its ivw_target, got shape "
             f"{tuple(c.shape)} for batch {batch}: pass a target with the batch as its first "
             "dimension, e.g. ivw_target=beta.expand(B, 1) used in the computation")
-    centred = c - c.mean(0, keepdim=True)
-    return (centred * centred).sum() / max(batch - 1, 1)
+    n = _count(batch, world, c.device)
+    centred = c - _sum(c.sum(0, keepdim=True), world) / n  # two passes: stable when V << mean^2
+    return _sum((centred * centred).sum(), world) / max(n - 1, 1)
 
 
-def inverse_variance_weight(c_rp: Any, c_lr: Any, batch: int) -> torch.Tensor:
+def inverse_variance_weight(c_rp: Any, c_lr: Any, batch: int,
+                            world: World | None = None) -> torch.Tensor:
     """Total propagation's weight of the LR message, k = V_RP / (V_LR + V_RP), in [0, 1], with
     0/0 giving 1/2; V_* pooled over the target from the per-sample contributions (``batch``
-    of them: the node's batch size)."""
-    v_rp = pooled_batch_variance(c_rp, batch)
-    v_lr = pooled_batch_variance(c_lr, batch)
+    of them: the node's batch size here)."""
+    v_rp = pooled_batch_variance(c_rp, batch, world)
+    v_lr = pooled_batch_variance(c_lr, batch, world)
     total = v_rp + v_lr
     half = torch.full_like(total, 0.5)
     k = torch.where(total > 0, v_rp / torch.where(total > 0, total, torch.ones_like(total)), half)
     return k.clamp(0.0, 1.0)
 
 
-def mean_gradient(loss: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``loss.mean()`` (of the loss itself when it is a scalar)."""
-    return torch.full_like(loss, 1.0 / max(loss.numel(), 1))
+def mean_gradient(loss: torch.Tensor, world: World | None = None) -> torch.Tensor:
+    """The gradient of ``loss.mean()`` over the batch of every process (of the loss itself
+    when it is a scalar; a scalar in each of N processes counts 1/N)."""
+    if loss.dim() == 0:
+        return torch.full_like(loss, 1.0 / (1 if world is None else world.size))
+    return torch.full_like(loss, 1.0 / max(_count(loss.numel(), world, loss.device), 1))
 
 
-def batch_size(x: torch.Tensor) -> int:
-    return x.shape[0]
+def batch_size(x: torch.Tensor, world: World | None = None) -> int:
+    """The number of samples (dim 0) of ``x`` over every process the node spans."""
+    return _count(x.shape[0], world, x.device)
 
 
 def flat_matmul(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -338,25 +387,29 @@ def per_row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).reshape(a.shape[0], -1).sum(1)
 
 
-def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x).normal_()
+def standard_normal_like(x: torch.Tensor, world: World | None = None) -> torch.Tensor:
+    """Standard normal noise of ``x``'s shape (batch first; see :func:`sample_like`)."""
+    return _draw(lambda s: torch.empty(s, dtype=x.dtype, device=x.device).normal_(), x.shape,
+                 x, world)
 
 
-def batch_cholesky(x: torch.Tensor, mean: torch.Tensor, jitter: float = 1e-10) -> torch.Tensor:
+def batch_cholesky(x: torch.Tensor, mean: torch.Tensor, world: World | None = None,
+                   jitter: float = 1e-10) -> torch.Tensor:
     """Cholesky factor L of the batch covariance of ``x`` (samples on dim 0, the rest
     flattened), with a little jitter so a degenerate batch still factors."""
     c = (x - mean).reshape(x.shape[0], -1)
-    cov = c.T @ c / max(x.shape[0] - 1, 1)
+    cov = _sum(c.T @ c, world) / max(_count(x.shape[0], world, x.device) - 1, 1)
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     scale = cov.diagonal().mean().clamp(min=1e-30)
     return torch.linalg.cholesky(cov + jitter * scale * eye)
 
 
-def gaussian_curvature(g: torch.Tensor, eps: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+def gaussian_curvature(g: torch.Tensor, eps: torch.Tensor, chol: torch.Tensor,
+                       world: World | None = None) -> torch.Tensor:
     """d E[c] / d Sigma = E[hessian of c] / 2 (Price), with the Hessian's expectation from
     gradients at the resampled points: E[grad c eps^T] L^-1 (Stein).  ``g`` holds the
     gradients of the batch mean, so the sum over the batch is the expectation."""
     gf = g.reshape(g.shape[0], -1)
-    a = gf.T @ eps.reshape(eps.shape[0], -1)  # E[grad c eps^T]
+    a = _sum(gf.T @ eps.reshape(eps.shape[0], -1), world)  # E[grad c eps^T]
     h = torch.linalg.solve_triangular(chol.T, a.T, upper=True).T  # a @ L^-1
     return 0.25 * (h + h.T)

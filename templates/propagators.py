@@ -19,7 +19,9 @@ later ones (None before any node set it; signal propagation's target stream trav
 way).  Both kinds of template may call a function for its side effect (an optimizer step,
 ``.grad`` written by ProxProp): such calls are always kept.  Besides the keywords, templates
 may name ``site`` (the call site's ``file:line`` text), ``grad_enabled`` (whether the caller
-records gradients: False under ``torch.no_grad()``) and the propagator's ``internal`` objects.
+records gradients: False under ``torch.no_grad()``), ``world`` (the processes the node spans,
+:class:`propgen.distributed.World`: batch statistics are taken over all of them) and the
+propagator's ``internal`` objects.
 
 The math lives in these templates and in the small functions of
 :mod:`propgen.templates.estimators`, :mod:`~propgen.templates.layers`,
@@ -32,6 +34,7 @@ from propgen.templates.estimators import (
     batch_cholesky,
     batch_mean,
     batch_size,
+    batch_sum,
     batch_weights,
     flat_matmul,
     gaussian_curvature,
@@ -67,9 +70,9 @@ def identity_backward(output, x):
 # ------------------------------------------------------------ reparameterization (RP)
 
 
-def rp_forward(x, dist_class, dist_params):
+def rp_forward(x, dist_class, dist_params, world):
     dist = make_distribution(dist_class, dist_params, x)
-    noise = sample_like(dist, x, True)
+    noise = sample_like(dist, x, True, world)
     return x + noise
 
 
@@ -83,17 +86,17 @@ def rp_backward(output, x, dist_params, dist, noise):
 # ------------------------------------------------------------------ likelihood ratio (LR)
 
 
-def lr_forward(x, dist_class, dist_params):
+def lr_forward(x, dist_class, dist_params, world):
     dist = make_distribution(dist_class, dist_params, x)
-    noise = sample_like(dist, x, False)
+    noise = sample_like(dist, x, False, world)
     score = location_score(dist, noise)
     return x + noise
 
 
-def lr_backward(output, x, score, site, dist_params, dist, noise):
+def lr_backward(output, x, score, site, dist_params, dist, noise, world):
     # score-function gradient of the batch mean: score * (cost - baseline) / B
     cost = per_sample_loss(m["baselined_loss"], score, site)
-    weight = batch_weights(cost, score)
+    weight = batch_weights(cost, score, world)
     d[x] = score * weight
     d[dist_params] = score_params_grad(dist_params, dist, noise, weight)
 
@@ -101,32 +104,32 @@ def lr_backward(output, x, score, site, dist_params, dist, noise):
 # ----------------------------------------------------------------- total propagation (TP)
 
 
-def tp_forward(x, dist_class, dist_params, ivw_target):
+def tp_forward(x, dist_class, dist_params, ivw_target, world):
     dist = make_distribution(dist_class, dist_params, x)
-    noise = sample_like(dist, x, False)
+    noise = sample_like(dist, x, False, world)
     score = location_score(dist, noise)
     return x + noise
 
 
-def tp_backward(output, x, score, ivw_target, site, dist_params, dist, noise):
+def tp_backward(output, x, score, ivw_target, site, dist_params, dist, noise, world):
     cost = per_sample_loss(m["baselined_loss"], score, site)
-    weight = batch_weights(cost, score)
+    weight = batch_weights(cost, score, world)
     g_rp = d[output]
     g_lr = score * weight
     c_rp = contribution(g_rp, x, ivw_target)
     c_lr = contribution(g_lr, x, ivw_target)
-    k_lr = inverse_variance_weight(c_rp, c_lr, batch_size(x))
+    k_lr = inverse_variance_weight(c_rp, c_lr, x.shape[0], world)
     d[x] = k_lr * g_lr + (1 - k_lr) * g_rp
     d[dist_params] = mix_params_grads(k_lr, score_params_grad(dist_params, dist, noise, weight),
                                       pathwise_params_grad(dist_params, dist, noise, g_rp))
 
 
 def tp_reuse_backward(output, x, score, ivw_target, site, k_interval, dist_params, dist,
-                      noise):
+                      noise, world):
     # k_interval > 1: the mixing weight is recomputed at every k_interval-th node visited in
     # the backward pass and reused, sent as a message, for the nodes in between
     cost = per_sample_loss(m["baselined_loss"], score, site)
-    weight = batch_weights(cost, score)
+    weight = batch_weights(cost, score, world)
     g_rp = d[output]
     g_lr = score * weight
     k_lr = m["k_lr"]
@@ -134,7 +137,7 @@ def tp_reuse_backward(output, x, score, ivw_target, site, k_interval, dist_param
     if k_lr is None or k_count % k_interval == 0:
         c_rp = contribution(g_rp, x, ivw_target)
         c_lr = contribution(g_lr, x, ivw_target)
-        k_lr = inverse_variance_weight(c_rp, c_lr, batch_size(x))
+        k_lr = inverse_variance_weight(c_rp, c_lr, x.shape[0], world)
         k_count = 0
     m["k_lr"] = k_lr
     m["k_count"] = k_count + 1
@@ -146,14 +149,14 @@ def tp_reuse_backward(output, x, score, ivw_target, site, k_interval, dist_param
 # --------------------------------------------------------------------------- baselines
 
 
-def loo_baseline_backward(output, x, site):
+def loo_baseline_backward(output, x, site, world):
     cost = per_sample_loss(m["local_loss"], x, site)
-    m["baselined_loss"] = cost - leave_one_out(cost)
+    m["baselined_loss"] = cost - leave_one_out(cost, world)
 
 
-def mean_baseline_backward(output, x, site):
+def mean_baseline_backward(output, x, site, world):
     cost = per_sample_loss(m["local_loss"], x, site)
-    m["baselined_loss"] = cost - batch_mean(cost)
+    m["baselined_loss"] = cost - batch_mean(cost, world)
 
 
 def user_baseline_backward(output, x, site, baseline_func):
@@ -178,13 +181,13 @@ def sum_backward(output, x, sum_name, local_name):
 # --------------------------------------------------------------------------- loss nodes
 
 
-def loss_backward(output, x, site):
+def loss_backward(output, x, site, world):
     # a per-sample cost inside the program: joins the cost-to-go flowing backward, and its
     # batch mean is differentiated
     cost = per_sample_loss(output, output, site)
     m["local_loss"] = cost + (0.0 if m["local_loss"] is None else m["local_loss"])
     m["baselined_loss"] = None  # made from the old cost-to-go: earlier nodes redo it
-    d[x] = d[output] + mean_gradient(output)
+    d[x] = d[output] + mean_gradient(output, world)
 
 
 def loss_nograd_backward(output, x, site):
@@ -197,28 +200,29 @@ def loss_nograd_backward(output, x, site):
 # ----------------------------------------------------------- Gaussian shaping (GS)
 
 
-def resample_forward(x):
+def resample_forward(x, world):
     # fit a Gaussian to the batch and draw a new batch from it: mean + eps @ chol^T
-    mean = x.mean(0, keepdim=True)
-    chol = batch_cholesky(x, mean)
-    eps = standard_normal_like(x)
+    mean = batch_sum(x, world) / batch_size(x, world)
+    chol = batch_cholesky(x, mean, world)
+    eps = standard_normal_like(x, world)
     return mean + flat_matmul(eps, chol.transpose(-1, -2))
 
 
-def resample_backward(output, x, mean, chol, eps):
+def resample_backward(output, x, mean, chol, eps, world):
     # pathwise gradient through the fitted mean and covariance (Price's and Stein's identities)
     g = d[output]
-    g_mean = g.sum(0, keepdim=True)
-    g_cov = gaussian_curvature(g, eps, chol)
-    d[x] = g_mean / batch_size(x) + 2.0 * flat_matmul(x - mean, g_cov) / (batch_size(x) - 1)
+    g_mean = batch_sum(g, world)
+    g_cov = gaussian_curvature(g, eps, chol, world)
+    n = batch_size(x, world)
+    d[x] = g_mean / n + 2.0 * flat_matmul(x - mean, g_cov) / (n - 1)
 
 
-def gs_loss_backward(output, x, mean, chol, eps):
+def gs_loss_backward(output, x, mean, chol, eps, world):
     # Gaussian shaping: replace the cost-to-go by the LR-type surrogate whose score-function
     # gradient is d E[c] through the fitted mean and covariance
     g = d[output]
-    g_mean = g.sum(0, keepdim=True)
-    g_cov = gaussian_curvature(g, eps, chol)
+    g_mean = batch_sum(g, world)
+    g_cov = gaussian_curvature(g, eps, chol, world)
     centred = x - mean
     m["local_loss"] = per_row_dot(centred, g_mean) + per_row_dot(flat_matmul(centred, g_cov),
                                                                 centred)
