@@ -62,6 +62,8 @@ class Propagator:
         self.defaults = dict(defaults)
 
     def parts(self) -> list[Part]:
+        """The template pairs spliced at each call site, in forward order (the backward
+        templates run in reverse)."""
         return [Part(tp.identity_forward, tp.identity_backward)]
 
     def structure(self) -> tuple:
@@ -72,10 +74,13 @@ class Propagator:
         return (type(self), opts, tuple(sorted(self.defaults)), dist)
 
     def loss_propagator(self) -> LossProp:
+        """The loss node ``manager.backward`` appends when this is the default propagator
+        and the manager names none."""
         return LossProp()
 
     @property
     def label(self) -> str:
+        """How generated code and error messages name this propagator."""
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options)
         return f"{type(self).__name__}({opts})"
 
@@ -153,6 +158,7 @@ class LRProp(Propagator):
 
     @property
     def baseline_func(self) -> Callable | None:
+        """The user's baseline function, when ``baseline`` is one (else None)."""
         return self.baseline if callable(self.baseline) else None
 
 
@@ -220,6 +226,7 @@ class LossProp(Propagator):
 
     @property
     def baseline_func(self) -> Callable | None:
+        """The user's baseline function, when ``baseline`` is one (else None)."""
         return self.baseline if callable(self.baseline) else None
 
 
@@ -238,6 +245,7 @@ class BaselineProp(Propagator):
 
     @property
     def baseline_func(self) -> Callable | None:
+        """The user's baseline function, when ``baseline`` is one (else None)."""
         return self.baseline if callable(self.baseline) else None
 
 
@@ -328,6 +336,7 @@ class ComboProp(Propagator):
 
     @property
     def options(self) -> tuple:  # type: ignore[override]
+        """The members' structural options (what changes their generated code)."""
         return tuple(dict.fromkeys(o for p in self.members for o in p.options))
 
     @property
