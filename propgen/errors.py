@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "Location", "UnsupportedSyntaxError", "UnresolvedNameError", "PropgenError",
-    "ConfigurationError",
+    "ConfigurationError", "one_line",
 ]
 
 
@@ -72,3 +72,9 @@ class ConfigurationError(ValueError, PropgenError):
         code = f"\n    {loc.text.strip()}" if loc and loc.text else ""
         super().__init__(f"{where}{problem}{code}\n  {advice}")
         self.location = loc
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
