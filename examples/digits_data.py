@@ -1,5 +1,5 @@
-"""Shared by the digits examples: scikit-learn's bundled digits (no download) and progress
-bars that fall back to plain loops when tqdm is not installed."""
+"""Shared by the digits examples (not an example itself): scikit-learn's bundled digits (no
+download) and the options both take."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from _common import add_common_args
 
 
 def load_digits(device: torch.device, dtype: torch.dtype) -> tuple:
@@ -15,33 +16,19 @@ def load_digits(device: torch.device, dtype: torch.dtype) -> tuple:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
-        sys.exit("this example needs scikit-learn's digits data: pip install scikit-learn")
+        sys.exit("this example needs scikit-learn's digits data: pip install -e '.[examples]'")
     data = sklearn_digits()
     x = torch.as_tensor(data.data).to(device, dtype) / 16.0
     y = torch.as_tensor(data.target).to(device, torch.long)
     return x[:1437], y[:1437], x[1437:], y[1437:]
 
 
-def progress(iterable, enabled: bool, **kwargs):
-    """A tqdm bar over ``iterable`` when asked for and installed, else the iterable itself."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return iterable
-        return tqdm(iterable, **kwargs)
-    return iterable
-
-
 def run_main(parser: argparse.ArgumentParser, argv: list[str] | None,
         experiment: Callable[[argparse.Namespace], dict]) -> dict:
-    """Add the options both examples share, parse, and run ``experiment`` with the asked-for
-    number of CPU threads (restored afterwards)."""
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    """Add the options both examples share (``--device``, ``--dtype``, ``--seed``,
+    ``--no-progress``, ``--threads``), parse, and run ``experiment`` with the asked-for number
+    of CPU threads (restored afterwards)."""
+    add_common_args(parser, dtype="float32")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (default: torch's own choice); 1 is "
                         "fastest for these small layers on a busy machine")

@@ -36,7 +36,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from digits_data import load_digits, progress, run_main
+from _common import progress
+from digits_data import load_digits, run_main
 from torch import nn
 
 import propgen

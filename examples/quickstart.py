@@ -1,10 +1,12 @@
 """propgen quick start: generate the backward pass of a small network and check it.
 
-    python examples/quickstart.py [--device cpu|cuda] [--dtype float64]
+    python examples/quickstart.py [--device cpu|cuda] [--dtype float64|float32|float16|bfloat16]
+                                  [--quiet] [--no-progress]
 
 Defines the loss of a two-layer tanh network (with a loop and a branch), asks propgen for
 its gradient with respect to the weights, prints the generated Python source, and compares
-the gradients with torch.autograd.
+the gradients with torch.autograd.  The exit status is 1 when they differ by more than the
+rounding tolerance.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import add_common_args, device_and_dtype
 
 import propgen
 
@@ -28,18 +31,17 @@ def mlp_loss(x, w1, b1, w2, b2, target, steps):
     return torch.sum(err * err) / x.shape[0]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the check; returns the loss, the largest difference from torch.autograd per
+    gradient and overall, the tolerance, and ``passed`` (the overall difference is within it).
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
-    parser.add_argument(
-        "--dtype", default="float64", choices=["float64", "float32", "float16", "bfloat16"]
-    )
     parser.add_argument("--quiet", action="store_true", help="do not print the generated code")
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    add_common_args(parser, dtypes=("float64", "float32", "float16", "bfloat16"), seed=False)
+    args = parser.parse_args(argv)  # --no-progress: accepted, nothing here takes long
+    device, dtype = device_and_dtype(args)
+    # The inputs are drawn on the CPU in float64 and then converted, so that every device and
+    # dtype sees the same numbers.
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -67,8 +69,9 @@ def main() -> int:
     print(f"device={device} dtype={dtype} loss={loss.item():.6g}")
     names = ("w1", "b1", "w2", "b2")
     worst = abs(loss.item() - ref_loss.item())
+    differences = {}
     for name, g, r in zip(names, grads, ref_grads):
-        diff = (g - r).abs().max().item()
+        differences[name] = diff = (g - r).abs().max().item()
         worst = max(worst, diff)
         print(f"  d loss / d {name}: shape {tuple(g.shape)}  max |propgen - autograd| = {diff:.3g}")
     print(f"max difference from torch.autograd: {worst:.3g}")
@@ -76,11 +79,12 @@ def main() -> int:
     # Both sides round differently; allow a hundred units in the last place of the largest value.
     scale = max([1.0, abs(ref_loss.item())] + [r.abs().max().item() for r in ref_grads])
     tol = 100 * torch.finfo(dtype).eps * scale
-    if worst > tol:
+    passed = worst <= tol
+    if not passed:
         print(f"FAILED: difference above tolerance {tol:g}")
-        return 1
-    return 0
+    return {"loss": loss.item(), "differences": differences, "max_difference": worst,
+            "tolerance": tol, "passed": passed}
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(0 if main()["passed"] else 1)
