@@ -174,7 +174,8 @@ class Contributions:
                           "per_sample_vjp")
         call = gast.Call(func=ir.name(fn), args=[
             ir.name(fname), ir.name(t), g,
-            gast.Tuple(elts=[ir.name(a) for a in aliases], ctx=gast.Load())], keywords=[])
+            gast.Tuple(elts=[ir.name(a) for a in aliases], ctx=gast.Load()),
+            ir.const(self.site.site)], keywords=[])
         rev.ctx.used.add(fname)
         return [ir.assign(result, call)]
 

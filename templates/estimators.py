@@ -300,26 +300,42 @@ def factored_outer(g: torch.Tensor, input: torch.Tensor, weight: Any) -> Any:
     return torch.einsum("b...i,b...j->bij", input, g)
 
 
-def per_sample_vjp(segment: Any, target: torch.Tensor, g: torch.Tensor, inputs: tuple) -> Any:
-    """Per-sample contributions of ``g`` (gradient at the node input, batch first) to a shared
+def per_sample_vjp(segment: Any, target: torch.Tensor, g: torch.Tensor, inputs: tuple,
+                   site: str = "") -> Any:
+    """Per-sample contributions of ``g`` (gradient at the node input, batch first) to a
     ``target`` through ``segment(target, *inputs)``, by torch.func: the general fallback where
-    an op's adjoint has no per-sample form.  Inputs whose first dim is the batch are mapped
-    over (one sample at a time, with a batch of one); the others are shared."""
+    an op's adjoint has no per-sample form.
+
+    A per-sample target (batch first: ``beta.expand(B, 1)``) needs one vector-Jacobian product
+    of the whole batch: row i of its gradient is sample i's contribution.  A shared target
+    (a weight) needs the product sample by sample: the segment is mapped over the batch with
+    vmap, inputs whose first dim is the batch one sample at a time (as a batch of one)."""
     from torch.func import vjp, vmap
 
     batch = g.shape[0]
-    dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
-                 else None for a in inputs)
-    own = target.dim() > 0 and target.shape[0] == batch  # a per-sample target: map it too
-
-    def one(gi: torch.Tensor, ti: torch.Tensor, *ins: Any) -> torch.Tensor:
-        ins = tuple(i.unsqueeze(0) if d == 0 else i for i, d in zip(ins, dims))
-        _, pull = vjp(lambda tt: segment(tt, *ins), ti.unsqueeze(0) if own else ti)
-        got = pull(gi.unsqueeze(0))[0]
-        return got.squeeze(0) if own else got
-
     with torch.enable_grad():
-        return vmap(one, in_dims=(0, 0 if own else None) + dims)(g, target, *inputs)
+        if target.dim() > 0 and target.shape[0] == batch:
+            _, pull = vjp(lambda t: segment(t, *inputs), target)
+            return pull(g)[0]
+        dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
+                     else None for a in inputs)
+
+        def one(gi: torch.Tensor, *ins: Any) -> torch.Tensor:
+            ins = tuple(i.unsqueeze(0) if d == 0 else i for i, d in zip(ins, dims))
+            _, pull = vjp(lambda tt: segment(tt, *ins), target)
+            return pull(gi.unsqueeze(0))[0]
+
+        try:
+            return vmap(one, in_dims=(0,) + dims)(g, *inputs)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{site}: TotalProp replays the code between the previous node and this one "
+                "sample by sample (torch.func.vmap) to get each sample's contribution to the "
+                f"shared ivw_target {tuple(target.shape)}, and that failed: {e}.  Code there "
+                "that depends on the batch size through a number computed earlier (batch = "
+                "x.shape[0]) sees a batch of one: compute it from a tensor of the segment, or "
+                "give a per-sample target (w.expand(B, *w.shape) used in the computation)"
+            ) from e
 
 
 def per_sample_unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:

@@ -868,6 +868,46 @@ def test_tp_torch_func_fallback_equals_the_factored_rule():
     assert "factored_outer" in pg.source(matmul_rollout, manager)
 
 
+def test_per_sample_vjp_against_one_backward_per_sample():
+    from propgen.templates.estimators import per_sample_vjp
+
+    b, k = 5, 3
+    x = torch.randn(b, k, dtype=F64)
+    w = torch.randn(k, 2, dtype=F64)
+    g = torch.randn(b, 2, dtype=F64)
+    n = x.shape[0]  # the batch size as a number, computed before the segment
+
+    def per_sample_target(t, x):  # t: (B, 1); the segment builds (B, 2) from the number n
+        return torch.cat([t, t.new_ones(n, 1)], 1) * torch.tanh(x @ w)
+
+    t = torch.randn(b, 1, dtype=F64)
+    expected = []
+    for i in range(b):  # sample i's contribution: its own output's gradient at its own row
+        ti = t.clone().requires_grad_()
+        (gi,) = torch.autograd.grad((per_sample_target(ti, x)[i] * g[i]).sum(), ti)
+        expected.append(gi[i])
+    got = per_sample_vjp(per_sample_target, t, g, (x,), "model.py:3")
+    torch.testing.assert_close(got, torch.stack(expected))
+
+    def shared_target(wt, x):
+        return torch.sin(x @ wt)
+
+    expected = torch.stack([_one_grad(shared_target, w, x[i:i + 1], g[i]) for i in range(b)])
+    torch.testing.assert_close(per_sample_vjp(shared_target, w, g, (x,), "model.py:3"),
+                               expected)
+
+    def shared_with_batch_number(wt, x):  # replayed with a batch of one, n no longer fits
+        return (x @ wt) * torch.ones(n, 1, dtype=F64)
+
+    with pytest.raises(RuntimeError, match=r"model\.py:7: TotalProp replays .* batch size"):
+        per_sample_vjp(shared_with_batch_number, w, g, (x,), "model.py:7")
+
+
+def _one_grad(f, w, xi, gi):
+    wi = w.clone().requires_grad_()
+    return torch.autograd.grad((f(wi, xi) * gi).sum(), wi)[0]
+
+
 def test_inverse_variance_weight_closed_forms():
     from propgen.templates.estimators import Factored, inverse_variance_weight
 
