@@ -159,6 +159,7 @@ class GradFunction:
 
     @property
     def compiled(self) -> Compiled:
+        """The compilation last run: generated source, file, names of the two functions."""
         return self.last.compiled
 
     @property
@@ -168,6 +169,8 @@ class GradFunction:
 
     @property
     def path(self) -> Path:
+        """The generated file last run, in the cache directory: open it in an editor, or set
+        a breakpoint in it (``b <path>:<line>`` in pdb)."""
         return self.last.compiled.path
 
     @property

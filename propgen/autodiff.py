@@ -91,14 +91,18 @@ class JVPFunction:
 
     @property
     def compiled(self) -> Compiled:
+        """The compilation: generated source, file, name of the generated function."""
         return self.loaded.compiled
 
     @property
     def source(self) -> str:
+        """The generated code (``f_jvp(*args, *tangents)``), as :func:`propgen.source`
+        returns it."""
         return self.compiled.path.read_text(encoding="utf-8")
 
     @property
     def path(self) -> Any:
+        """The generated file, in the cache directory (breakpoints set in it bind)."""
         return self.compiled.path
 
     @property

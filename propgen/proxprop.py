@@ -54,6 +54,8 @@ class ProxPropLayer(torch.nn.Module):
         self._linear = LinearLayers()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)``; while recording gradients, through a function whose backward gives
+        the parameters the proximal direction."""
         params = [p for p in self.layer.parameters() if p.requires_grad]
         if not torch.is_grad_enabled() or not params:
             return self.layer(x)
@@ -61,6 +63,7 @@ class ProxPropLayer(torch.nn.Module):
         return _ProximalCall.apply(self.layer, self.tau, self.mode, x, *params)
 
     def extra_repr(self) -> str:
+        """``tau`` and ``mode``, shown after the wrapped layer when the module prints."""
         return f"tau={self.tau}, mode={self.mode!r}"
 
 

@@ -153,6 +153,8 @@ class Monitor:
                 self.labels[mod] = f"{name} ({type(mod).__name__})"
 
     def label(self, layer: Any, site: str) -> str:
+        """The name ``layer`` is reported under: its :meth:`watch` name, else its class, a
+        number and the call site ``site`` where it first ran."""
         if not isinstance(layer, torch.nn.Module):
             return site
         if layer not in self.labels:
@@ -161,6 +163,8 @@ class Monitor:
 
     def record(self, layer: Any, site: str, loss: torch.Tensor, correct: torch.Tensor,
                count: int) -> None:
+        """Add one batch of ``count`` samples: the layer's mean ``loss`` and the number of
+        ``correct`` rows (called by the forward-learning templates)."""
         t = self.totals.setdefault(self.label(layer, site), [0.0, 0.0, 0.0])
         t[0] += float(loss) * count
         t[1] += float(correct)

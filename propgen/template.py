@@ -219,6 +219,8 @@ class Registry:
 
     @classmethod
     def default(cls) -> Registry:
+        """The process-wide registry of the library's templates (``propgen.templates``),
+        built on first use; :func:`propgen.adjoint` registers into it."""
         if cls._default is None:
             from propgen.templates import TEMPLATE_MODULES
 
@@ -241,6 +243,8 @@ class Registry:
         self.version += 1
 
     def register(self, fn: Callable, keys: tuple) -> Template:
+        """Make ``fn`` the adjoint template of each callable (or ``'.attr'`` string) in
+        ``keys``, replacing a template registered before for it."""
         tmpl = Template(fn, tuple(keys))
         for key in keys:
             self._table[_norm_key(key)] = tmpl
@@ -248,6 +252,8 @@ class Registry:
         return tmpl
 
     def register_tangent(self, fn: Callable, keys: tuple) -> Template:
+        """Make ``fn`` the tangent template of ``keys``; a key that is an adjoint template
+        stands for that template's callables, and its signature must be ``fn``'s."""
         tmpl = Template(fn, tuple(keys))
         flat: list = []
         for key in keys:
@@ -279,12 +285,14 @@ class Registry:
         return deco
 
     def lookup_tangent(self, key: Any) -> Template | None:
+        """The tangent template of ``key``, or None."""
         try:
             return self._tangents.get(_norm_key(key))
         except TypeError:
             return None
 
     def tangent_keys(self) -> list:
+        """The callables (and ``'.attr'`` strings) that have a tangent template."""
         return list(self._tangents)
 
     def adjoint(self, *keys: Any) -> Callable[[Callable], Callable]:
@@ -298,6 +306,8 @@ class Registry:
         return deco
 
     def lookup(self, key: Any) -> Template | str | None:
+        """The adjoint template of ``key``, :data:`NONDIFF` for a nondifferentiable
+        callable, or None when there is neither (the call is then read or run opaquely)."""
         try:
             return self._table.get(_norm_key(key))
         except TypeError:  # unhashable callables have no template
@@ -307,6 +317,8 @@ class Registry:
         return self.lookup(key) is not None
 
     def keys(self) -> list:
+        """The callables (and ``'.attr'`` strings) that have an adjoint template or are
+        nondifferentiable."""
         return list(self._table)
 
 
