@@ -683,7 +683,9 @@ class Reverse:
                      *[ir.name(n) for n in tracked])
         if not leaves:
             self.tracked[(id(s), None)] = ""
-            code = [gast.Expr(value=call)]
+            # a parameter read through an argument (model.weight) is a leaf whose gradient the
+            # end of the backward adds to .grad: autograd must not add it a second time
+            code = [] if t in self.leaves else [gast.Expr(value=call)]
             return self._finish(s, t, [], [], code, st, state, pop)
         grads = [self.temp(("g", id(s), a.id), f"{a.id}_grad") for a in leaves]
         target = gast.Tuple(elts=[ir.name(g, True) for g in grads], ctx=gast.Store())

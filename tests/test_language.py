@@ -1166,3 +1166,36 @@ def test_methods_and_modules(how):
     got = [df(x)] + [p.grad for p in net.parameters()]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **H.TIGHT64)
+
+
+class _DirectParams(torch.nn.Module):
+    """Parameters read as attributes (not through a submodule call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, dtype=F64))
+        self.inner = torch.nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        h = torch.tanh(x * self.w) @ self.inner.weight
+        return (h * h).sum() + (self.w * self.inner.bias).sum()
+
+
+def reads_model_params(model, x):
+    return model(x) + (model.w * model.w).sum()
+
+
+@pytest.mark.parametrize("how", ["module", "bound_method", "argument"])
+def test_parameters_read_as_attributes_get_grad_once(how):
+    net = _DirectParams()
+    x = rn(4, 3)
+    fn = reads_model_params if how == "argument" else net
+    (fn(net, x) if how == "argument" else net(x)).backward()
+    want = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    if how == "argument":
+        propgen.grad(reads_model_params, wrt=(1,))(net, x)
+    else:
+        propgen.grad(net.forward if how == "bound_method" else net)(x)
+    for p, w in zip(net.parameters(), want):
+        torch.testing.assert_close(p.grad, w, **H.TIGHT64)
