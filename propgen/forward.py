@@ -499,20 +499,6 @@ class _Substitute(gast.NodeTransformer):
         return node
 
 
-def _constant_test(test: gast.AST) -> bool | None:
-    """The value of ``c is None`` / ``c is not None`` / a constant, when a call site bound a
-    template parameter to a constant; None when it is only known at run time."""
-    if isinstance(test, gast.Constant):
-        return bool(test.value)
-    if (isinstance(test, gast.Compare) and len(test.ops) == 1
-            and isinstance(test.ops[0], (gast.Is, gast.IsNot))
-            and isinstance(test.left, gast.Constant)
-            and isinstance(test.comparators[0], gast.Constant)):
-        same = test.left.value is test.comparators[0].value
-        return same if isinstance(test.ops[0], gast.Is) else not same
-    return None
-
-
 def _carries(node: gast.AST) -> bool:
     return any(getattr(n, "pg_tangent", False) for n in ir.walk(node))
 
@@ -583,7 +569,7 @@ def _fold(fwd: Forward, node: gast.AST) -> gast.AST:
         node.elts = [_materialize(fwd, e) for e in elts]
         return node
     if isinstance(node, gast.IfExp):
-        known = _constant_test(node.test)
+        known = ir.constant_test(node.test)
         if known is not None:
             return _fold(fwd, node.body if known else node.orelse)
         body, orelse = _fold(fwd, node.body), _fold(fwd, node.orelse)

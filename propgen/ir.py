@@ -21,7 +21,8 @@ from typing import Any
 
 import gast
 
-__all__ = ["name", "const", "assign", "is_atom", "names_in", "copy_anno", "attr_chain"]
+__all__ = ["name", "const", "assign", "is_atom", "names_in", "copy_anno", "attr_chain",
+           "constant_test"]
 
 
 def name(id_: str, store: bool = False) -> gast.Name:
@@ -109,3 +110,17 @@ def clone(node: Any) -> Any:
         else:
             setattr(new, key, value)
     return new
+
+
+def constant_test(test: gast.AST) -> bool | None:
+    """The value of ``c is None`` / ``c is not None`` / a constant, when a call site bound a
+    template parameter to a constant; None when it is only known at run time."""
+    if isinstance(test, gast.Constant):
+        return bool(test.value)
+    if (isinstance(test, gast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], (gast.Is, gast.IsNot))
+            and isinstance(test.left, gast.Constant)
+            and isinstance(test.comparators[0], gast.Constant)):
+        same = test.left.value is test.comparators[0].value
+        return same if isinstance(test.ops[0], gast.Is) else not same
+    return None

@@ -10,6 +10,7 @@ the node.
 
 from __future__ import annotations
 
+import builtins
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gast
 
 from propgen import ir
+from propgen.errors import ConfigurationError
 from propgen.template import Template, is_template_object
 
 if TYPE_CHECKING:
@@ -268,7 +270,6 @@ def _check_config_value(nz: Normalizer, loc: Any, prop: Any, key: str, value: An
     values = value.values() if isinstance(value, dict) else (
         value if isinstance(value, (tuple, list)) else ())
     if any(isinstance(v, torch.Tensor) and v.requires_grad for v in values):
-        from propgen.errors import ConfigurationError
 
         raise ConfigurationError(
             loc, f"{type(prop).__name__}'s default {key} holds a tensor that requires grad; "
@@ -321,7 +322,6 @@ def _check() -> Any:
 
 
 def _error(nz: Normalizer, node: gast.AST, problem: str, advice: str) -> None:
-    from propgen.errors import ConfigurationError
 
     raise ConfigurationError(nz.loc(node), problem, advice)
 
@@ -362,7 +362,7 @@ def _splice_forward(nz: Normalizer, tmpl: Template, mapping: dict, hint: str, ou
             mapping[name] = ir.name(nz.ctx.fresh(f"{hint}_{name}"))
     for stmt in tmpl.body:
         new = _Bind(nz, tmpl, {p: mapping[p] for p in params if p in mapping},
-                    {n: mapping[n] for n in local_names}).visit(ir.clone(stmt))
+                    {n: mapping[n] for n in local_names}, mapping).visit(ir.clone(stmt))
         if isinstance(new, gast.Return):
             nz.emit(_output_assign(out, new.value, x))
         elif isinstance(new, gast.Assign) and isinstance(new.targets[0], gast.Name):
@@ -379,8 +379,10 @@ def _splice_forward(nz: Normalizer, tmpl: Template, mapping: dict, hint: str, ou
 class _Bind(gast.NodeTransformer):
     """Replace a template's parameters, locals and globals by the call site's names."""
 
-    def __init__(self, nz: Normalizer, tmpl: Template, params: dict, local: dict) -> None:
+    def __init__(self, nz: Normalizer, tmpl: Template, params: dict, local: dict,
+                 supplied: dict) -> None:
         self.nz, self.tmpl, self.params, self.local = nz, tmpl, params, local
+        self.supplied = supplied  # everything the node binds (for the error naming them)
 
     def visit_Subscript(self, node: gast.Subscript) -> gast.AST:
         if not is_template_object(node, "m", self.tmpl):
@@ -401,7 +403,28 @@ class _Bind(gast.NodeTransformer):
             return ir.name(self.local[node.id].id, isinstance(node.ctx, gast.Store))
         if node.id in self.params:
             return ir.clone(self.params[node.id])
-        value = self.tmpl.globals.get(node.id, __builtins__.get(node.id) if isinstance(
-            __builtins__, dict) else getattr(__builtins__, node.id, None))
+        if node.id in self.tmpl.globals:
+            value = self.tmpl.globals[node.id]
+        elif hasattr(builtins, node.id):
+            value = getattr(builtins, node.id)
+        else:
+            raise unknown_template_name(self.tmpl, node.id, self.supplied["site"].value,
+                                        self.supplied)
         ns = self.nz.ctx.bind("value", self.tmpl, node.id, value, node.id)
         return ir.name(ns)
+
+
+def unknown_template_name(tmpl: Template, name: str, site: str,
+                          supplied: dict) -> ConfigurationError:
+    """The error for a template that reads a name nobody supplies (a parameter the node does
+    not bind, a global its module lacks): named by call site and template line."""
+    code = tmpl.fn.__code__
+    names = ", ".join(sorted(k for k in supplied if not k.startswith("_")))
+    return ConfigurationError(
+        None, f"{site}: the propagator template {tmpl.name} ({code.co_filename}:"
+        f"{code.co_firstlineno}) reads {name!r}, which this node does not supply (it supplies "
+        f"{names} and the forward template's locals) and which is not a global of the "
+        "template's module",
+        f"add {name!r} to the propagator's keywords (and pass it at the call site or to the "
+        "propagator), compute it in the forward template, or import it in the template's "
+        "module")

@@ -10,13 +10,14 @@ one go through propgen.routing.
 
 from __future__ import annotations
 
+import builtins
 from typing import TYPE_CHECKING, Any
 
 import gast
 
 from propgen import ir
 from propgen.contribution import Contributions
-from propgen.nodes import NodeSite
+from propgen.nodes import NodeSite, unknown_template_name
 from propgen.routing import Deliver, Route
 from propgen.template import Template, is_template_object
 
@@ -93,8 +94,7 @@ class _Splicer(Contributions):
 
     def stmt(self, tmpl: Template, stmt: gast.AST) -> list:
         if isinstance(stmt, gast.If):
-            return [gast.If(test=self.expr(tmpl, stmt.test), body=self.block(tmpl, stmt.body),
-                            orelse=self.block(tmpl, stmt.orelse))]
+            return self.branch(tmpl, stmt)
         if isinstance(stmt, gast.Expr) and isinstance(stmt.value, gast.Call):
             # a side effect (ProxProp writing .grad, a deferred optimizer step): always kept
             call = gast.Expr(value=self.expr(tmpl, stmt.value))
@@ -113,6 +113,29 @@ class _Splicer(Contributions):
         if isinstance(tgt, gast.Name):
             return [ir.assign(self.local(tmpl, tgt.id), self.expr(tmpl, value))]
         raise TypeError(f"propagator template {tmpl.name}: assign names, d[...] or m[...]")
+
+    def branch(self, tmpl: Template, stmt: gast.If) -> list:
+        """An ``if`` of a template: decided now when its test reads only constants the call
+        site bound (``limit is None``), else both branches, each from the state before it."""
+        test = self.expr(tmpl, stmt.test)
+        decided = ir.constant_test(test)
+        if decided is not None:
+            return self.block(tmpl, stmt.body if decided else stmt.orelse)
+        state = self.state
+        before = dict(state)
+        body = self.block(tmpl, stmt.body)
+        after_body = dict(state)
+        state.clear()
+        state.update(before)
+        orelse = self.block(tmpl, stmt.orelse)
+        from propgen.transform import MAYBE, _join
+
+        joined = _join(after_body, state)
+        # a gradient sent in one branch only may be unset after the if: start it as None
+        self.rev.maybe_vars.update(k for k, v in joined.items() if v == MAYBE)
+        state.clear()
+        state.update(joined)
+        return [gast.If(test=test, body=body or [gast.Pass()], orelse=orelse)]
 
     def send(self, tmpl: Template, key: gast.AST, value: gast.AST) -> list:
         if not (isinstance(key, gast.Name) and key.id in self.site.mapping):
@@ -165,8 +188,12 @@ class _Subst(gast.NodeTransformer):
         if (self.tmpl.name, node.id) in sp.locals or _stored_in(self.tmpl, node.id):
             return ir.name(sp.local(self.tmpl, node.id))
         g = self.tmpl.globals
-        value = g[node.id] if node.id in g else __builtins__[node.id] if isinstance(
-            __builtins__, dict) else getattr(__builtins__, node.id)
+        if node.id in g:
+            value = g[node.id]
+        elif hasattr(builtins, node.id):
+            value = getattr(builtins, node.id)
+        else:
+            raise unknown_template_name(self.tmpl, node.id, sp.site.site, sp.site.mapping)
         return ir.name(sp.rev.ctx.bind("value", self.tmpl, node.id, value, node.id))
 
 
@@ -190,8 +217,9 @@ def _prune(code: list, sp: _Splicer) -> list:
     for stmt in reversed(code):
         stores = {n.id for n in ir.walk(stmt) if isinstance(n, gast.Name)
                   and isinstance(n.ctx, gast.Store)}
-        if (id(stmt) in sp.accs or id(stmt) in sp.effects or stores & channels
-                or stores & needed):
+        # (a branch or loop is kept when something inside it sends a gradient)
+        sends = any(id(n) in sp.accs or id(n) in sp.effects for n in ir.walk(stmt))
+        if sends or stores & channels or stores & needed:
             kept.insert(0, stmt)
             needed |= {n.id for n in ir.walk(stmt) if isinstance(n, gast.Name)
                        and isinstance(n.ctx, gast.Load)}

@@ -11,6 +11,7 @@ import torch
 from torch.distributions import Normal
 
 import propgen as pg
+from propgen import d, m
 from propgen.errors import ConfigurationError
 
 F64 = torch.float64
@@ -1001,3 +1002,93 @@ def test_torch_func_fallback_for_a_per_sample_target():
         out.append(beta.grad.clone())
     torch.testing.assert_close(out[0], out[1])
     assert "per_sample_vjp" in pg.source(via_mm, manager)
+
+
+# --------------------------------------------------------------------------------------------
+# user propagators: branches in backward templates, names nobody supplies
+# --------------------------------------------------------------------------------------------
+
+
+def _clip_forward(x):
+    return x
+
+
+def _clip_backward(output, x, limit):
+    # decided when the call site binds a constant; both branches only send gradients
+    if limit is None:
+        d[x] = d[output]
+    else:
+        d[x] = d[output].clamp(-limit, limit)
+
+
+def _gate_backward(output, x, limit):
+    # decided at run time by a message: each branch starts from the state before the if
+    if m["off"] is None:
+        d[x] = d[output].clamp(-limit, limit)
+    else:
+        d[x] = d[output] * 0.0
+
+
+class _Clip(pg.Propagator):
+    keywords = ("limit",)
+
+    def parts(self):
+        return [pg.Part(_clip_forward, _clip_backward)]
+
+
+class _Gate(_Clip):
+    def parts(self):
+        return [pg.Part(_clip_forward, _gate_backward)]
+
+
+@pg.propagate
+def _clipped(manager, x, w):
+    h = manager.forward(x @ w, limit=0.5)
+    h = manager.forward(torch.tanh(h) @ w.T, limit=0.2)
+    return (h * h).sum(1)
+
+
+@pytest.mark.parametrize("prop", [_Clip, _Gate])
+def test_branches_of_a_backward_template_against_autograd_hooks(prop):
+    x, w = torch.randn(6, 3, dtype=F64), torch.randn(3, 3, dtype=F64, requires_grad=True)
+    manager = pg.PropagationManager(prop())
+    manager.backward(_clipped(manager, x, w))
+    w_ref = w.detach().clone().requires_grad_()
+    h = x @ w_ref
+    h.register_hook(lambda g: g.clamp(-0.5, 0.5))
+    h2 = torch.tanh(h) @ w_ref.T
+    h2.register_hook(lambda g: g.clamp(-0.2, 0.2))
+    (h2 * h2).sum(1).mean().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad)
+    code = pg.source(_clipped, manager)
+    assert ("if off is None" in code) == (prop is _Gate)
+    assert "0.5 is None" not in code and "0.2 is None" not in code  # decided, not emitted
+
+
+def _bad_backward(output, x, nobody):
+    d[x] = d[output] * nobody
+
+
+def _bad_forward(x, nobody):
+    return x * nobody
+
+
+class _Bad(pg.Propagator):
+    def __init__(self, which):
+        super().__init__()
+        self.which = which
+
+    def parts(self):
+        if self.which == "forward":
+            return [pg.Part(_bad_forward, _clip_backward)]
+        return [pg.Part(_clip_forward, _bad_backward)]
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_a_template_reading_a_name_nobody_supplies_is_refused(which):
+    x, w = torch.randn(6, 3, dtype=F64), torch.randn(3, 3, dtype=F64, requires_grad=True)
+    manager = pg.PropagationManager(_Bad(which))
+    with pytest.raises(ConfigurationError,
+                       match=rf"test_propagate\.py:\d+: the propagator template _bad_{which} "
+                       r"\(.*test_propagate\.py:\d+\) reads 'nobody'"):
+        manager.backward(_clipped(manager, x, w))
