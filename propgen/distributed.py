@@ -57,6 +57,15 @@ class World:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's ``t``, stacked in rank order (``t[None]`` in one process)."""
+        if self.size == 1:
+            return t.unsqueeze(0)
+        t = t.contiguous()
+        every = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(every, t, group=self.group)
+        return torch.stack(every)
+
     def split(self, n: int, device: torch.device | str = "cpu") -> tuple[int, int]:
         """``(offset, total)``: where this process's ``n`` samples start in the batch of all
         processes (ordered by rank), and that batch's size."""

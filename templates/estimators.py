@@ -28,6 +28,8 @@ __all__ = [
     "leave_one_out",
     "batch_mean",
     "batch_sum",
+    "batch_average",
+    "batch_moments",
     "pooled_batch_variance",
     "Factored",
     "factored_outer",
@@ -135,6 +137,14 @@ def _count(n: int, world: World | None, device: Any) -> int:
     return n if world is None else world.count(n, device)
 
 
+def _sum_and_count(t: torch.Tensor, n: int, world: World | None) -> tuple[torch.Tensor, int]:
+    # a sum over the batch and the batch size, in one collective when there are several
+    if world is None or world.size == 1:
+        return t, n
+    both = world.sum(torch.cat([t.reshape(-1), t.new_tensor([float(n)])]))
+    return both[:-1].reshape(t.shape), int(round(float(both[-1])))
+
+
 def location_score(dist: Any, noise: torch.Tensor) -> torch.Tensor:
     """d/dx log p(x + noise) for noise of density p shifted by x: minus the density's score at
     the noise.  Closed form for a Normal; autograd on ``log_prob`` for other distributions."""
@@ -227,21 +237,27 @@ def batch_weights(loss: torch.Tensor, like: torch.Tensor,
 
 def leave_one_out(loss: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """Each sample's baseline: the mean loss of the *other* samples (unbiased for LR)."""
-    n = _count(loss.shape[0], world, loss.device)
+    total, n = _sum_and_count(loss.sum(0, keepdim=True), loss.shape[0], world)
     if n < 2:
         raise ValueError("a leave-one-out baseline needs a batch of at least 2 samples")
-    return (_sum(loss.sum(0, keepdim=True), world) - loss) / (n - 1)
+    return (total - loss) / (n - 1)
 
 
 def batch_mean(loss: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """The batch mean as baseline (slightly biased: each sample is in its own baseline)."""
-    n = _count(loss.shape[0], world, loss.device)
-    return (_sum(loss.sum(0, keepdim=True), world) / n).expand_as(loss)
+    total, n = _sum_and_count(loss.sum(0, keepdim=True), loss.shape[0], world)
+    return (total / n).expand_as(loss)
 
 
 def batch_sum(x: torch.Tensor, world: World | None = None) -> torch.Tensor:
     """The sum over the batch (dim 0, kept) of every process the node spans."""
     return _sum(x.sum(0, keepdim=True), world)
+
+
+def batch_average(x: torch.Tensor, world: World | None = None) -> torch.Tensor:
+    """The mean over the batch (dim 0, kept) of every process the node spans."""
+    total, n = _sum_and_count(x.sum(0, keepdim=True), x.shape[0], world)
+    return total / n
 
 
 class Factored:
@@ -275,21 +291,21 @@ class Factored:
         out = sum(torch.einsum("bi,bj->bij", left, right) for left, right in self.terms)
         return out.mT if self.transposed else out
 
-    def pooled_variance(self, world: World | None = None) -> torch.Tensor:
-        """sum_jk Var_i(c_ijk) = (sum_i |c_i|^2 - B |mean_i c_i|^2) / (B - 1), with
-        |c_i|^2 = sum_ab (l_a[i] . l_b[i]) (r_a[i] . r_b[i])."""
-        left0 = self.terms[0][0]
-        b = _count(left0.shape[0], world, left0.device)
+    def moments(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(B, mean_i c_i, sum_i |c_i - mean|^2) of the contributions, from the factors:
+        sum_i |c_i|^2 - B |mean|^2 with |c_i|^2 = sum_ab (l_a[i] . l_b[i]) (r_a[i] . r_b[i])."""
+        b = self.terms[0][0].shape[0]
         sq = 0.0
         for la, ra in self.terms:
             for lb, rb in self.terms:
                 sq = sq + ((la * lb).sum(1) * (ra * rb).sum(1)).sum()
-        total = sum(left.T @ right for left, right in self.terms)
-        if world is not None and world.size > 1:  # one collective for both sums
-            both = world.sum(torch.cat([total.reshape(-1), torch.as_tensor(sq).reshape(1)]))
-            total, sq = both[:-1].reshape(total.shape), both[-1]
-        mean = total / b
-        return (sq - b * (mean * mean).sum()) / max(b - 1, 1)
+        mean = sum(left.T @ right for left, right in self.terms) / max(b, 1)
+        return b, mean, sq - b * (mean * mean).sum()
+
+    def pooled_variance(self) -> torch.Tensor:
+        """sum_jk Var_i(c_ijk), the sample variance over the batch summed over the target."""
+        b, _, m2 = self.moments()
+        return m2 / max(b - 1, 1)
 
 
 def factored_outer(g: torch.Tensor, input: torch.Tensor, weight: Any) -> Any:
@@ -352,19 +368,48 @@ def per_sample_unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:
     return g.sum_to_size((g.shape[0],) + tuple(x.shape[1:]))
 
 
-def pooled_batch_variance(c: Any, batch: int, world: World | None = None) -> torch.Tensor:
-    """Sum over a target's elements of the sample variance over the batch (dim 0) of per-sample
-    contributions ``c`` (``batch`` of them here; the batch of every process ``world`` spans)."""
+def batch_moments(c: Any, batch: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(B, mean over the batch, sum of squared deviations from it) of per-sample contributions
+    ``c`` (``batch`` of them, on dim 0): the summary one process's samples give."""
     if isinstance(c, Factored):
-        return c.pooled_variance(world)
+        return c.moments()
     if c.dim() == 0 or c.shape[0] != batch:
         raise ValueError(
             f"TotalProp needs per-sample contributions to its ivw_target, got shape "
             f"{tuple(c.shape)} for batch {batch}: pass a target with the batch as its first "
             "dimension, e.g. ivw_target=beta.expand(B, 1) used in the computation")
-    n = _count(batch, world, c.device)
-    centred = c - _sum(c.sum(0, keepdim=True), world) / n  # two passes: stable when V << mean^2
-    return _sum((centred * centred).sum(), world) / max(n - 1, 1)
+    mean = c.mean(0)
+    centred = c - mean  # two passes: stable when V << mean^2
+    return batch, mean, (centred * centred).sum()
+
+
+def pooled_batch_variance(c: Any, batch: int, world: World | None = None) -> torch.Tensor:
+    """Sum over a target's elements of the sample variance over the batch (dim 0) of per-sample
+    contributions ``c`` (``batch`` of them here; the batch of every process ``world`` spans)."""
+    return _pooled([c], batch, world)[0]
+
+
+def _pooled(cs: list, batch: int, world: World | None) -> list:
+    # each process's (n, mean, M2), combined exactly (Chan et al.'s parallel variance): one
+    # all_gather for all of ``cs``, whatever the number of processes
+    moments = [batch_moments(c, batch) for c in cs]
+    if world is None or world.size == 1:
+        return [m2 / max(n - 1, 1) for n, _, m2 in moments]
+    like = moments[0][2]
+    rows = torch.cat([torch.cat([like.new_tensor([float(n)]), mean.reshape(-1).to(like.dtype),
+                                 m2.reshape(1).to(like.dtype)]) for n, mean, m2 in moments])
+    every = world.gather(rows)  # (processes, len(rows))
+    out, start = [], 0
+    for _, mean, _ in moments:
+        width = mean.numel() + 2
+        part = every[:, start: start + width]
+        start += width
+        n_p, means, m2_p = part[:, 0], part[:, 1:-1], part[:, -1]
+        n = n_p.sum()
+        mean_all = (n_p[:, None] * means).sum(0) / n.clamp(min=1)
+        spread = (n_p * ((means - mean_all) ** 2).sum(1)).sum()
+        out.append((m2_p.sum() + spread) / (n - 1).clamp(min=1))
+    return out
 
 
 def inverse_variance_weight(c_rp: Any, c_lr: Any, batch: int,
@@ -372,8 +417,7 @@ def inverse_variance_weight(c_rp: Any, c_lr: Any, batch: int,
     """Total propagation's weight of the LR message, k = V_RP / (V_LR + V_RP), in [0, 1], with
     0/0 giving 1/2; V_* pooled over the target from the per-sample contributions (``batch``
     of them: the node's batch size here)."""
-    v_rp = pooled_batch_variance(c_rp, batch, world)
-    v_lr = pooled_batch_variance(c_lr, batch, world)
+    v_rp, v_lr = _pooled([c_rp, c_lr], batch, world)
     total = v_rp + v_lr
     half = torch.full_like(total, 0.5)
     k = torch.where(total > 0, v_rp / torch.where(total > 0, total, torch.ones_like(total)), half)
@@ -414,7 +458,8 @@ def batch_cholesky(x: torch.Tensor, mean: torch.Tensor, world: World | None = No
     """Cholesky factor L of the batch covariance of ``x`` (samples on dim 0, the rest
     flattened), with a little jitter so a degenerate batch still factors."""
     c = (x - mean).reshape(x.shape[0], -1)
-    cov = _sum(c.T @ c, world) / max(_count(x.shape[0], world, x.device) - 1, 1)
+    cov, n = _sum_and_count(c.T @ c, x.shape[0], world)
+    cov = cov / max(n - 1, 1)
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     scale = cov.diagonal().mean().clamp(min=1e-30)
     return torch.linalg.cholesky(cov + jitter * scale * eye)

@@ -31,6 +31,7 @@ The math lives in these templates and in the small functions of
 from __future__ import annotations
 
 from propgen.templates.estimators import (
+    batch_average,
     batch_cholesky,
     batch_mean,
     batch_size,
@@ -202,7 +203,7 @@ def loss_nograd_backward(output, x, site):
 
 def resample_forward(x, world):
     # fit a Gaussian to the batch and draw a new batch from it: mean + eps @ chol^T
-    mean = batch_sum(x, world) / batch_size(x, world)
+    mean = batch_average(x, world)
     chol = batch_cholesky(x, mean, world)
     eps = standard_normal_like(x, world)
     return mean + flat_matmul(eps, chol.transpose(-1, -2))

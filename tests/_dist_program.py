@@ -29,6 +29,17 @@ def paths(manager, s0, W, beta, head, horizon):
     return 0.5 * ((1.0 - first) ** 2).sum(1) + 0.5 * ((1.0 - x[:, 1]) ** 2).sum(1) + out * out
 
 
+@pg.propagate
+def linear_paths(manager, s0, W, beta, head, horizon):
+    """The first path through a shared weight ``W`` read by a matrix product: TotalProp's
+    contributions to it are kept factored, their variance pooled over processes."""
+    x = s0[:, 0]
+    for _ in range(horizon):
+        x = torch.sigmoid(beta * (x @ W))
+        x = manager.forward(x, ivw_target=W)
+    return 0.5 * ((1.0 - x) ** 2).sum(1) + head(x).squeeze(-1) ** 2
+
+
 def configurations() -> dict:
     """Estimator name -> (default propagator, "shape" propagator, loss propagator, scalar loss)."""
     noise = dict(dist_class=Normal, dist_params={"loc": 0.0, "scale": 0.05})
@@ -41,6 +52,7 @@ def configurations() -> dict:
         "TP": (pg.TotalProp(**noise), pg.Propagator(), None, False),
         "LR+GSLoss": (pg.LRProp(**noise), pg.GSLoss(), pg.LossProp(lossgrad=True), False),
         "TP+GSProp": (pg.TotalProp(**noise), pg.GSProp(), None, False),
+        "TP shared W": (pg.TotalProp(**noise), pg.Propagator(), None, False),
     }
 
 
@@ -70,7 +82,8 @@ def estimates(rows: slice, process_group: object, repeats: int = 2) -> dict:
         head.zero_grad(set_to_none=True)
         torch.manual_seed(11)  # the same random stream in every process (shard_noise)
         for _ in range(repeats):
-            loss = paths(manager, s0_all[rows], W, beta, head, 3)
+            program = linear_paths if "shared" in name else paths
+            loss = program(manager, s0_all[rows], W, beta, head, 3)
             manager.backward(loss.mean() if scalar else loss)
         out[name] = [beta.grad.clone(), W.grad.clone(), head.weight.grad.clone(),
                      head.bias.grad.clone()]

@@ -99,8 +99,8 @@ def test_statistics_match_their_closed_forms_in_one_process():
     torch.testing.assert_close(est.pooled_batch_variance(c, 7, world), c.var(0).sum())
     left, right = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
     full = torch.einsum("bi,bj->bij", left, right)
-    torch.testing.assert_close(est.Factored([(left, right)]).pooled_variance(world),
-                               full.var(0).sum())
+    torch.testing.assert_close(est.pooled_batch_variance(est.Factored([(left, right)]), 7,
+                                                         world), full.var(0).sum())
     x = torch.randn(9, 3, dtype=torch.float64)
     chol = est.batch_cholesky(x, x.mean(0, keepdim=True), world)
     torch.testing.assert_close(chol @ chol.T, torch.cov(x.T), rtol=1e-8, atol=1e-9)
