@@ -31,14 +31,8 @@ from torch.distributions import Normal
 
 import propgen as pg
 
-
-@pg.propagate
-def rollout(manager, s, W, beta, horizon):
-    b = beta.expand(s.shape[0], 1)
-    for _ in range(horizon):
-        s = torch.sigmoid(b * (s @ W))
-        s = manager.forward(s, ivw_target=b)
-    return 0.5 * ((1.0 - s) ** 2).sum(dim=1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from propagation import rollout  # noqa: E402  (the same RNN as the propagation benchmark)
 
 
 def timed_runs(batch: int, horizon: int, repeats: int, process_group: object) -> list[float]:
