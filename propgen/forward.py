@@ -26,6 +26,7 @@ from propgen.normalize import Callee, Context
 from propgen.template import Template, is_template_object
 from propgen.transform import (
     Comment,
+    Names,
     _call_operands,
     _index_value,
     _literal,
@@ -61,8 +62,10 @@ def _call(func: gast.AST, *args: gast.AST, keywords: list | None = None) -> gast
     return gast.Call(func=func, args=list(args), keywords=keywords or [])
 
 
-class Forward:
+class Forward(Names):
     """Builds the JVP FunctionDef of one normalized function."""
+
+    runtime_module = runtime_forward  # the helpers forward-mode code calls
 
     def __init__(self, ctx: Context, name: str, params: list[str], body: list, wrt: list[str],
                  act: Activity) -> None:
@@ -84,14 +87,6 @@ class Forward:
             self.tnames[n] = self.ctx.fresh("t_" + n)
         return self.tnames[n]
 
-    def temp(self, key: tuple, base: str) -> str:
-        if key not in self.temps:
-            self.temps[key] = self.ctx.fresh(base)
-        return self.temps[key]
-
-    def rt(self, attr: str) -> gast.Name:
-        value = getattr(runtime_forward, attr)
-        return ir.name(self.ctx.bind("value", runtime_forward, attr, value, attr))
 
     def fail(self, stmt: gast.AST, what: str, advice: str) -> None:
         raise UnsupportedSyntaxError(getattr(stmt, "pg_loc", None), what, advice)

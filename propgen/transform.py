@@ -116,7 +116,26 @@ def _index_value(node: gast.AST) -> gast.AST:
     return ir.clone(node)
 
 
-class Reverse:
+class Names:
+    """Name helpers the reverse and forward transforms share: a fresh temporary per key, and
+    the helpers of the transform's runtime module bound in the generated namespace."""
+
+    runtime_module: Any = runtime
+    ctx: Context
+    temps: dict
+
+    def temp(self, key: tuple, base: str) -> str:
+        if key not in self.temps:
+            self.temps[key] = self.ctx.fresh(base)
+        return self.temps[key]
+
+    def rt(self, attr: str) -> gast.Name:
+        """A runtime helper, bound in the generated module's namespace."""
+        mod = self.runtime_module
+        return ir.name(self.ctx.bind("value", mod, attr, getattr(mod, attr), attr))
+
+
+class Reverse(Names):
     """Builds the forward and backward FunctionDefs of one normalized function."""
 
     def __init__(self, ctx: Context, name: str, params: list[str], body: list, wrt: list[str],
@@ -171,15 +190,6 @@ class Reverse:
             self.dnames[n] = self.ctx.fresh(self.dprefix + n)
         return self.dnames[n]
 
-    def temp(self, key: tuple, base: str) -> str:
-        if key not in self.temps:
-            self.temps[key] = self.ctx.fresh(base)
-        return self.temps[key]
-
-    def rt(self, attr: str) -> gast.Name:
-        """A runtime helper, bound in the generated module's namespace."""
-        value = getattr(runtime, attr)
-        return ir.name(self.ctx.bind("value", runtime, attr, value, attr))
 
     def torch_ref(self) -> gast.Name:
         return ir.name(self.ctx.bind("value", None, "torch", torch, "torch"))
