@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +75,7 @@ class PropagationManager:
         self.shard_noise = bool(shard_noise)
         self.propagators: dict[str, Propagator] = {}
         self._tape: list[_Record] = []
+        self._recorder: int | None = None  # the thread whose forward passes fill the tape
 
     def add_propagator(self, name: str, propagator: Propagator) -> None:
         """Register ``propagator`` under ``name`` for ``manager.forward(x,
@@ -105,6 +108,18 @@ class PropagationManager:
     def clear(self) -> None:
         """Drop what the forward passes since the last backward recorded (and their memory)."""
         self._tape = []
+
+    def _record(self, record: _Record) -> None:
+        # a tape holds one forward pass; two threads appending to it would interleave their
+        # nodes into one backward, so that is refused rather than silently mixed
+        me = threading.get_ident()
+        if self._tape and self._recorder != me:
+            raise RuntimeError(
+                "this PropagationManager is recording a forward pass in another thread: a "
+                "manager's tape holds one forward pass at a time; give each thread its own "
+                "PropagationManager (managers are independent of one another)")
+        self._recorder = me
+        self._tape.append(record)
 
     @property
     def nodes(self) -> int:
@@ -159,6 +174,7 @@ class PropagationManager:
             seed = seeds.get(id(rec))
             if seed is None:
                 seed = _zeros_like(rec.result)
+            rec.loaded.namespace.update(rec.configs)  # the values its forward ran with
             with torch.no_grad():
                 *grads, messages = rec.loaded.backward(rec.saved, seed, messages)
             for i, g in zip(rec.wrt, grads):
@@ -269,6 +285,7 @@ class _Record:
     result: Any
     values: list
     wrt: tuple
+    configs: dict  # the configuration and call facts the forward read (generated names)
 
 
 @dataclass
@@ -347,7 +364,10 @@ class PropagatedFunction:
         self.registry = registry or Registry.default()
         self.signature = inspect.signature(self.fn)
         self.params = list(self.signature.parameters)
-        self.variants: dict = {}
+        # one namespace per manager and compilation: the generated code reads the manager's
+        # configuration from its namespace, so managers (and threads using different ones)
+        # never see each other's values
+        self.instances: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.last: _Loaded | None = None
         self.__name__ = self.fn.__name__
         self.__qualname__ = self.fn.__qualname__
@@ -381,7 +401,7 @@ class PropagatedFunction:
         key = ("propagate", self.fn.__code__, self.fn.__code__.co_filename,
                manager.structure(), spec, self.registry.version, _leaf_signature(self.fn),
                self._shared_tensors(manager, values))
-        loaded = self.variants.get(key)
+        loaded = (self.instances.get(manager) or {}).get(key)
         if loaded is None:
             compiled = _cached(self.registry, key)
             if compiled is None:
@@ -393,7 +413,8 @@ class PropagatedFunction:
                                     if b.kind == "config"}
                 with self.registry.lock:
                     self.registry.compiled[key] = compiled
-            loaded = self.variants[key] = _Loaded(self.fn, compiled)
+            loaded = _Loaded(self.fn, compiled)
+            self.instances.setdefault(manager, {})[key] = loaded
         return loaded, wrt
 
     def _shared_tensors(self, manager: PropagationManager, values: list) -> tuple:
@@ -428,19 +449,21 @@ class PropagatedFunction:
         ns = loaded.namespace
         recording = torch.is_grad_enabled()  # under torch.no_grad(): evaluation, no tape
         facts = {"grad_enabled": recording, "world": None}
+        configs = {}
         for name, b in loaded.compiled.configs.items():
             if b.source != _CALL:
-                ns[name] = _config_value(_resolve_path(manager, b.source), b.key)
+                configs[name] = _config_value(_resolve_path(manager, b.source), b.key)
             elif b.key == "world":
-                ns[name] = facts["world"] = facts["world"] or manager.world()
+                configs[name] = facts["world"] = facts["world"] or manager.world()
             else:
-                ns[name] = facts[b.key]
+                configs[name] = facts[b.key]
+        ns.update(configs)
         with torch.no_grad():
             result, saved = loaded.forward(*values)
         if not recording:
             return result
         result = _expose(result)
-        manager._tape.append(_Record(loaded, saved, result, values, wrt))
+        manager._record(_Record(loaded, saved, result, values, wrt, configs))
         return result
 
     @property
@@ -454,9 +477,12 @@ class PropagatedFunction:
     def source_for(self, manager: PropagationManager) -> str:
         """The generated code for ``manager``'s configuration (the latest variant run)."""
         want = manager.structure()
-        for key, loaded in reversed(list(self.variants.items())):
-            if key[3] == want:
-                return loaded.compiled.path.read_text(encoding="utf-8")
+        own = self.instances.get(manager) or {}
+        others = [v for m, v in list(self.instances.items()) if m is not manager]
+        for variants in (own, *others):
+            for key, loaded in reversed(list(variants.items())):
+                if key[3] == want:
+                    return loaded.compiled.path.read_text(encoding="utf-8")
         raise RuntimeError(
             f"{self.fn.__qualname__} has not run with this configuration yet: call it once "
             "with the manager, then ask for its source")

@@ -205,6 +205,7 @@ class Registry:
     """
 
     _default: Registry | None = None
+    _default_lock = threading.Lock()  # two threads asking first must get one registry
 
     def __init__(self, modules: tuple[str, ...] = ()) -> None:
         self._table: dict[Any, Template | str] = {}
@@ -222,9 +223,11 @@ class Registry:
         """The process-wide registry of the library's templates (``propgen.templates``),
         built on first use; :func:`propgen.adjoint` registers into it."""
         if cls._default is None:
-            from propgen.templates import TEMPLATE_MODULES
+            with cls._default_lock:
+                if cls._default is None:
+                    from propgen.templates import TEMPLATE_MODULES
 
-            cls._default = Registry(TEMPLATE_MODULES)
+                    cls._default = Registry(TEMPLATE_MODULES)
         return cls._default
 
     def load_module(self, module: Any) -> None:
@@ -238,17 +241,20 @@ class Registry:
                 self.register_tangent(value, tkeys)
             nd = getattr(value, "__propgen_nondiff__", None)
             if nd is not None:
-                for key in nd:
-                    self._table[_norm_key(key)] = NONDIFF
-        self.version += 1
+                with self.lock:
+                    for key in nd:
+                        self._table[_norm_key(key)] = NONDIFF
+        with self.lock:
+            self.version += 1
 
     def register(self, fn: Callable, keys: tuple) -> Template:
         """Make ``fn`` the adjoint template of each callable (or ``'.attr'`` string) in
         ``keys``, replacing a template registered before for it."""
         tmpl = Template(fn, tuple(keys))
-        for key in keys:
-            self._table[_norm_key(key)] = tmpl
-        self.version += 1
+        with self.lock:  # the version counts registrations; += is not atomic across threads
+            for key in keys:
+                self._table[_norm_key(key)] = tmpl
+            self.version += 1
         return tmpl
 
     def register_tangent(self, fn: Callable, keys: tuple) -> Template:
@@ -269,9 +275,10 @@ class Registry:
             else:
                 flat.append(key)
         tmpl.keys = tuple(flat)
-        for key in flat:
-            self._tangents[_norm_key(key)] = tmpl
-        self.version += 1
+        with self.lock:
+            for key in flat:
+                self._tangents[_norm_key(key)] = tmpl
+            self.version += 1
         return tmpl
 
     def tangent(self, *keys: Any, none_is_zero: bool = False) -> Callable[[Callable], Callable]:
