@@ -16,7 +16,7 @@ from propgen import runtime
 from propgen.analyse import analyse
 from propgen.emit import emit_module
 from propgen.fence import check
-from propgen.load import write_source
+from propgen.load import ensure_file, write_source
 from propgen.normalize import Context, normalize
 from propgen.optimize import prune_dead_code, remove_dead_resets
 from propgen.parse import parse_function
@@ -43,6 +43,10 @@ class Compiled:
     top_freevars: tuple = ()
     top_cells: tuple = ()  # ids of the compiled function's closure cells
     top_globals: Any = None
+
+    def file(self) -> Path:
+        """The generated file, written again first if it was deleted or edited since."""
+        return ensure_file(self.path, self.source)
 
 
 def compile_reverse(fn: Callable, wrt: tuple[int, ...], registry: Registry,
@@ -165,13 +169,13 @@ class GradFunction:
     @property
     def source(self) -> str:
         """The generated code last run (the base code until a call specializes it)."""
-        return self.last.compiled.path.read_text(encoding="utf-8")
+        return self.last.compiled.source
 
     @property
     def path(self) -> Path:
         """The generated file last run, in the cache directory: open it in an editor, or set
         a breakpoint in it (``b <path>:<line>`` in pdb)."""
-        return self.last.compiled.path
+        return self.last.compiled.file()
 
     @property
     def forward(self) -> Callable:

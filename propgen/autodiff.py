@@ -98,12 +98,12 @@ class JVPFunction:
     def source(self) -> str:
         """The generated code (``f_jvp(*args, *tangents)``), as :func:`propgen.source`
         returns it."""
-        return self.compiled.path.read_text(encoding="utf-8")
+        return self.compiled.source
 
     @property
     def path(self) -> Any:
         """The generated file, in the cache directory (breakpoints set in it bind)."""
-        return self.compiled.path
+        return self.compiled.file()
 
     @property
     def jvp(self) -> Callable:

@@ -324,7 +324,7 @@ def _propagated_source(target: _Target, propagator: str | None, local: Sequence[
         raise
     finally:
         fn.__globals__.update(swapped)
-    return loaded.compiled.path.read_text(encoding="utf-8")
+    return loaded.compiled.source
 
 
 def _plain_source(target: _Target, wrt: str | None, mode: str) -> str:

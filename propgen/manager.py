@@ -472,7 +472,7 @@ class PropagatedFunction:
         if self.last is None:
             raise RuntimeError(f"{self.fn.__qualname__} has not run yet: call it once, or use "
                                "propgen.source(fn, manager)")
-        return self.last.compiled.path.read_text(encoding="utf-8")
+        return self.last.compiled.source
 
     def source_for(self, manager: PropagationManager) -> str:
         """The generated code for ``manager``'s configuration (the latest variant run)."""
@@ -482,7 +482,7 @@ class PropagatedFunction:
         for variants in (own, *others):
             for key, loaded in reversed(list(variants.items())):
                 if key[3] == want:
-                    return loaded.compiled.path.read_text(encoding="utf-8")
+                    return loaded.compiled.source
         raise RuntimeError(
             f"{self.fn.__qualname__} has not run with this configuration yet: call it once "
             "with the manager, then ask for its source")

@@ -65,9 +65,12 @@ def make_distribution(dist_class: Any, dist_params: Any, x: torch.Tensor) -> Any
     if callable(dist_params) and not isinstance(dist_params, (dict, tuple, list)):
         dist_params = _params_of(dist_params, x)
     if dist_class is Normal:
-        if isinstance(dist_params, dict):
+        if isinstance(dist_params, dict) and set(dist_params) == {"loc", "scale"}:
             return Gaussian(dist_params["loc"], dist_params["scale"])
-        return Gaussian(*dist_params)
+        if isinstance(dist_params, (tuple, list)) and len(dist_params) == 2:
+            return Gaussian(*dist_params)
+        raise TypeError(f"Normal noise needs dist_params={{'loc': ..., 'scale': ...}} (or a pair "
+                        f"(loc, scale)), not {dist_params!r}")
     if isinstance(dist_params, dict):
         params = {k: _as_tensor(v, x) for k, v in dist_params.items()}
         dist = dist_class(**params)

@@ -1092,3 +1092,17 @@ def test_a_template_reading_a_name_nobody_supplies_is_refused(which):
                        match=rf"test_propagate\.py:\d+: the propagator template _bad_{which} "
                        r"\(.*test_propagate\.py:\d+\) reads 'nobody'"):
         manager.backward(_clipped(manager, x, w))
+
+
+@pytest.mark.parametrize("params", [{"scale": 1.0}, {"loc": 0.0, "sigma": 1.0}, (1.0,)])
+def test_normal_noise_with_wrong_parameters_names_the_ones_it_needs(params):
+    manager = pg.PropagationManager(pg.RPProp(dist_class=Normal, dist_params=params))
+    x = torch.randn(4, 3, dtype=F64)
+    w = torch.randn(3, 2, dtype=F64, requires_grad=True)
+
+    @pg.propagate
+    def f(manager, x, w):
+        return manager.forward(x @ w).sum(1)
+
+    with pytest.raises(TypeError, match="'loc': ..., 'scale'"):
+        f(manager, x, w)
