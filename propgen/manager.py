@@ -138,6 +138,14 @@ class PropagationManager:
             raise RuntimeError(
                 "manager.backward() with nothing recorded: call the @propgen.propagate "
                 "function first (each forward can be backpropagated once)")
+        try:
+            return self._propagate(tape, loss)
+        finally:
+            # an exception's traceback keeps this frame's locals alive (post-mortem debugging
+            # keeps the failing node's frame); the other records are let go now
+            tape.clear()
+
+    def _propagate(self, tape: list, loss: Any) -> dict:
         lossprop = self.loss_propagator or self.default_propagator.loss_propagator()
         world = self.world()
         if world.size == 1:
@@ -170,15 +178,19 @@ class PropagationManager:
                 messages["baselined_loss"] = baselined
             if lossprop.lossgrad:
                 seeds = _seeds(tape, loss, world)
-        for rec in reversed(tape):
-            seed = seeds.get(id(rec))
-            if seed is None:
-                seed = _zeros_like(rec.result)
-            rec.loaded.namespace.update(rec.configs)  # the values its forward ran with
-            with torch.no_grad():
-                *grads, messages = rec.loaded.backward(rec.saved, seed, messages)
-            for i, g in zip(rec.wrt, grads):
-                _route(tape, seeds, rec.values[i], g)
+        try:
+            for rec in reversed(tape):
+                seed = seeds.pop(id(rec), None)  # a seed is used once: free it with its node
+                if seed is None:
+                    seed = _zeros_like(rec.result)
+                rec.loaded.namespace.update(rec.configs)  # the values its forward ran with
+                with torch.no_grad():
+                    *grads, messages = rec.loaded.backward(rec.saved, seed, messages)
+                for i, g in zip(rec.wrt, grads):
+                    _route(tape, seeds, rec.values[i], g)
+        except BaseException:
+            seeds.clear()
+            raise
         return messages
 
 
