@@ -1106,3 +1106,27 @@ def test_normal_noise_with_wrong_parameters_names_the_ones_it_needs(params):
 
     with pytest.raises(TypeError, match="'loc': ..., 'scale'"):
         f(manager, x, w)
+
+
+@pytest.mark.parametrize("name", ["BP", "RP", "LR", "TP"])
+def test_the_same_seed_gives_bitwise_the_same_gradients(name):
+    # docs/guarantees.md: the noise comes from torch's generator, so seeding reproduces a run
+    noise = {"dist_class": Normal, "dist_params": {"loc": 0.0, "scale": 0.5}}
+    prop = {"BP": pg.BackPropagator, "RP": pg.RPProp, "LR": pg.LRProp, "TP": pg.TotalProp}[name]
+
+    @pg.propagate
+    def f(manager, x, w):
+        h = manager.forward(x @ w, ivw_target=w)  # ivw_target: TotalProp's (others ignore it)
+        return (manager.forward(torch.tanh(h) @ w, ivw_target=w) ** 2).sum(1)
+
+    def run():
+        torch.manual_seed(7)
+        x = torch.randn(16, 3, dtype=F64)
+        w = torch.randn(3, 3, dtype=F64, requires_grad=True)
+        manager = pg.PropagationManager(prop() if name == "BP" else prop(**noise))
+        manager.backward(f(manager, x, w))
+        return w.grad
+
+    first, second = run(), run()
+    assert torch.equal(first, second)
+    assert first.abs().sum() > 0
