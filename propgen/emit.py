@@ -22,12 +22,17 @@ def _lower_comments(node: gast.AST) -> gast.AST:
     for parent in gast.walk(node):
         for attr in ("body", "orelse"):
             block = getattr(parent, attr, None)
-            if isinstance(block, list):
-                setattr(parent, attr, [
-                    gast.Expr(value=gast.Constant(value=_MARK + s.text, kind=None))
-                    if isinstance(s, Comment) else s
-                    for s in block
-                ])
+            if not isinstance(block, list):
+                continue
+            if block and all(isinstance(s, Comment) for s in block):
+                # what the comments announced was optimized away: an ``else`` goes, another
+                # block keeps its comments over a ``pass``
+                block = [] if attr == "orelse" else block + [gast.Pass()]
+            setattr(parent, attr, [
+                gast.Expr(value=gast.Constant(value=_MARK + s.text, kind=None))
+                if isinstance(s, Comment) else s
+                for s in block
+            ])
     return node
 
 

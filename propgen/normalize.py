@@ -11,6 +11,7 @@ computation and closures over the caller's locals read the caller's variables.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 import types
@@ -898,6 +899,7 @@ class Normalizer:
                 body_prefix.append((target, ir.name(loop_var)))
         else:
             loop_var = self.ctx.fresh(f"{hint}_index")
+            it = self.iterated_once(it, s.body)
             lens, item, pre = self.loop_source(it, hint, loop_var)
             if len(lens) > 1:
                 min_call = gast.Call(func=ir.name("min"), args=lens, keywords=[])
@@ -923,6 +925,26 @@ class Normalizer:
                         orelse=[], type_comment=None)
         self.cur = s
         self.emit(node)
+
+    def iterated_once(self, it: gast.AST, body: list) -> gast.AST:
+        """``it`` with each name the loop body rebinds read once, before the loop: Python
+        iterates over the object the name held when the loop started."""
+        stored = {n.id for b in body for n in gast.walk(b)
+                  if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Store)}
+        if not stored:
+            return it
+
+        class Snapshot(gast.NodeTransformer):
+            def visit_Name(visitor, n: gast.Name) -> gast.AST:  # self: the normalizer
+                if not isinstance(n.ctx, gast.Load) or n.id not in stored:
+                    return n
+                t = self.ctx.fresh(f"{n.id}_iterated")
+                self.emit(ir.assign(t, self.name_load(n)))
+                out = ir.name(t)
+                out.pg_norm = True
+                return out
+
+        return Snapshot().visit(copy.deepcopy(it))
 
     def loop_source(self, it: gast.AST, hint: str, k: str) -> tuple[list, gast.AST, list]:
         """For ``for tgt in it``: the lengths bounding the loop, the item at index k (a tuple

@@ -507,8 +507,8 @@ class Reverse(Names):
                 if self.act.is_active(e)
             ]
             return self._finish(s, t, [], accs, [], st, state, pop)
-        if callee is None:
-            return [pop]
+        if callee is None:  # a value without a derivative (a constant): the old t's gradient
+            return [pop] + self.reset(t, state)  # does not flow through it
         if callee.kind == "template":
             return self.rev_template(s, t, callee, st, state, pop)
         if callee.kind == "opaque":
@@ -516,7 +516,7 @@ class Reverse(Names):
         if callee.kind == "container":
             self.fail(s, f"the method {callee.label}() on a container holding gradients",
                       "index the container instead")
-        return [pop]
+        return [pop] + self.reset(t, state)
 
     def rev_pop(self, s: gast.Assign, t: str, items: str, state: dict, pop: Pop) -> list:
         """``t = items.pop()``: t's gradient goes back onto the end of the list's gradient, and

@@ -381,7 +381,8 @@ def getitem_grad(g: Any, x: Any, index: Any) -> Any:
         gx[index] = g
         return gx
     items = index if isinstance(index, tuple) else (index,)
-    if all(isinstance(i, torch.Tensor) for i in items):  # only index tensors: scatter-add
+    # only index tensors: scatter-add (index_put refuses a 0-d x, which a 0-d mask can index)
+    if x.dim() > 0 and all(isinstance(i, torch.Tensor) for i in items):
         return torch.zeros_like(x).index_put(items, g, accumulate=True)
     # Mixed indices: find which flat position of x each output element was read from.
     positions = torch.arange(x.numel(), device=x.device).reshape(x.shape)[index]
