@@ -26,6 +26,12 @@ def _assign(target: str, value: gast.AST, like: gast.AST) -> gast.Assign:
     return node
 
 
+def _assign_to(target: gast.AST, value: gast.AST, like: gast.AST) -> gast.Assign:
+    node = gast.Assign(targets=[target], value=value, type_comment=None)
+    gast.copy_location(node, like)  # the user's for line: its target takes the value
+    return node
+
+
 def _const(v: object) -> gast.Constant:
     return gast.Constant(value=v, kind=None)
 
@@ -136,6 +142,12 @@ class _Lowering:
                 # test the flag first: after a break the user's condition is not evaluated
                 stmt.test = gast.BoolOp(op=gast.And(), values=[_not(_name(info["brk"])), stmt.test])
             else:
+                # the loop's own target would go on taking values after the break: iterate
+                # into a fresh name and assign the user's target inside the guard
+                item = self.fresh("item")
+                body = [_assign_to(stmt.target, _name(item), stmt)] + body
+                stmt.target = gast.Name(id=item, ctx=gast.Store(), annotation=None,
+                                        type_comment=None)
                 body = [_guard(info["brk"], body, stmt)]
         stmt.body = body or [gast.Pass()]
         return pre + [stmt], outer

@@ -444,6 +444,9 @@ class Reverse(Names):
                 self.fail(s, f"the list method {callee.label}() on a list holding gradients",
                           "build a new list instead (append/extend are supported)")
             return []
+        if len(call.args) != 1 or call.keywords:
+            self.fail(s, f"{callee.label}() without exactly one argument",
+                      f"pass one value: {items}.{callee.label}(value)")
         count = None
         if callee.label == "extend":
             count = _call(ir.name(self.ctx.bind("builtin", None, "len", len, "len")),
