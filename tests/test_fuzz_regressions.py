@@ -1,0 +1,415 @@
+"""Bugs found by the compiler fuzz tests (``tests/test_fuzz.py``), each reduced to a minimal
+function and checked here for the *correct* behaviour.
+
+Every test states what Python and torch do with the function, and asserts that propgen either
+agrees (same result, same gradient or tangent as torch.autograd / torch's forward-mode AD) or,
+where a test says so, refuses the function with a documented ``propgen.PropgenError`` naming
+this file and the offending line.  These tests are expected to fail until the compiler is
+fixed; they are kept apart from the fuzz tests so that each bug has a name and a short program.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import pytest
+import torch
+from torch.autograd import forward_ad
+
+import propgen
+
+F64 = torch.float64
+TIGHT = {"rtol": 1e-9, "atol": 1e-10}
+G = torch.linspace(-1.0, 1.0, 4, dtype=F64)
+
+
+def rn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def autograd_grad(f, *args, wrt=(0,)):
+    """The gradient torch.autograd computes for ``f(*args)`` (a scalar) w.r.t. ``args[wrt]``."""
+    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    inputs = []
+    for i in wrt:
+        args[i] = args[i].requires_grad_(True)
+        inputs.append(args[i])
+    out = f(*args)
+    grads = torch.autograd.grad(out, inputs, allow_unused=True)
+    grads = tuple(torch.zeros_like(a) if g is None else g for a, g in zip(inputs, grads))
+    return grads[0] if len(grads) == 1 else grads
+
+
+def torch_jvp(f, x, t, *rest):
+    """The tangent of ``f(x, *rest)`` along ``t`` by torch's forward-mode AD."""
+    with forward_ad.dual_level():
+        out = f(forward_ad.make_dual(x.clone(), t), *rest)
+        tangent = forward_ad.unpack_dual(out).tangent
+    return torch.zeros_like(out) if tangent is None else tangent
+
+
+def marked(fn, marker: str = "# BUG") -> str:
+    """``file.py:LINE`` of the line of ``fn`` holding ``marker``."""
+    lines, start = inspect.getsourcelines(fn)
+    hits = [start + k for k, text in enumerate(lines) if marker in text]
+    assert len(hits) == 1
+    return f"{os.path.basename(inspect.getsourcefile(fn))}:{hits[0]}"
+
+
+def assert_refused_at(err: BaseException, fn) -> None:
+    """A documented error naming the marked line of ``fn``."""
+    assert isinstance(err, propgen.PropgenError), repr(err)
+    assert marked(fn) in str(err), str(err)
+
+
+# --------------------------------------------------------------------------------------------
+# Reverse mode
+# --------------------------------------------------------------------------------------------
+
+
+def ifexp_constant_branch(x, flag):
+    y = x if flag else G  # BUG
+    return y.sum()
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_conditional_expression_with_a_constant_branch(flag):
+    """Fuzz: ``a if c else CONSTANT`` makes the compiler emit a backward ``else:`` with an
+    empty body; ``propgen.grad`` fails with an internal IndentationError raised by
+    ``compile`` in ``api.py:compile_reverse``.  The gradient is ones where the branch is x.
+    (Fixed in 9c38bc9.)"""
+    x = rn(4)
+    got = propgen.grad(ifexp_constant_branch)(x, flag)
+    torch.testing.assert_close(got, torch.ones_like(x) if flag else torch.zeros_like(x), **TIGHT)
+
+
+def rebind_to_constant(x):
+    v = x * 2.0
+    v = torch.ones(4, dtype=F64)
+    return (v * x).sum()
+
+
+def rebind_to_float(x):
+    v = x * 2.0
+    v = 3.0
+    return (v * x).sum()
+
+
+@pytest.mark.parametrize("fn", [rebind_to_constant, rebind_to_float], ids=["tensor", "float"])
+def test_rebinding_to_a_value_without_gradient(fn):
+    """Fuzz: rebinding a name that carried gradient to a value that does not (a constant
+    tensor, a Python number) leaves the backward pass's ``d_v`` of the new value in place, and
+    it flows on into the old value: a wrong gradient (``d_x = 1 + 2x``), or for a float a
+    RuntimeError in ``unbroadcast`` in the backward.  torch: the gradient is ``v``.
+    (Fixed in 9c38bc9.)"""
+    x = rn(4)
+    torch.testing.assert_close(propgen.grad(fn)(x), autograd_grad(fn, x), **TIGHT)
+
+
+def loop_variable_after_break(x):
+    for i in range(4):
+        if i == 1:
+            break
+    return (x * i).sum()
+
+
+def test_loop_variable_after_break_reverse():
+    """Fuzz: after ``break`` at a Python-valued test, the loop variable holds the range's last
+    value (3), not the value at the break (1): wrong result and gradient.  With a ``while``
+    loop counting on from that variable the generated function never ended (found as a
+    hang).  (Fixed in 601390d.)"""
+    x = rn(4)
+    grads, result = propgen.grad(loop_variable_after_break, preserve_result=True)(x)
+    torch.testing.assert_close(result, loop_variable_after_break(x), **TIGHT)
+    torch.testing.assert_close(grads, torch.ones_like(x), **TIGHT)
+
+
+def test_loop_variable_after_break_forward():
+    x, t = rn(4), rn(4, seed=1)
+    tangent, result = propgen.autodiff(loop_variable_after_break, mode="forward",
+                                       preserve_result=True)(x, tangents=t)
+    torch.testing.assert_close(result, loop_variable_after_break(x), **TIGHT)
+    torch.testing.assert_close(tangent, t.sum(), **TIGHT)
+
+
+def unbound_local(x):
+    if x.sum() > 100.0:
+        y = x * 2.0
+    return (y * x).sum()
+
+
+def test_unbound_local_is_a_name_error():
+    """Fuzz: a local read on a path where it was never assigned.  Python raises
+    UnboundLocalError; propgen.grad's generated forward reads None instead and fails with
+    ``TypeError: unsupported operand type(s) for *: 'NoneType' and 'Tensor'`` (forward mode
+    raises UnboundLocalError, as Python does)."""
+    with pytest.raises(NameError):
+        propgen.grad(unbound_local)(rn(4))
+
+
+def nested_function_as_value(x):
+    def inner(t):
+        repr(outer)  # BUG
+        return t * 2.0
+
+    def outer(t):
+        return inner(t)
+
+    return outer(x).sum()
+
+
+def test_nested_function_used_as_a_value_inside_another():
+    """Fuzz: ``fns = [inner]`` in the function itself is refused ("using the nested function
+    'inner' as a value is not supported"), but the same use inside another nested function
+    passes the compiler, and the generated forward raises ``NameError: name 'outer' is not
+    defined``.  Python runs the function (gradient 2)."""
+    x = rn(4)
+    try:
+        got = propgen.grad(nested_function_as_value)(x)
+    except Exception as err:  # noqa: BLE001 - judged below
+        assert_refused_at(err, nested_function_as_value)
+    else:
+        torch.testing.assert_close(got, 2.0 * torch.ones_like(x), **TIGHT)
+
+
+def append_without_argument(x):
+    kept = [x]
+    kept.append()  # BUG
+    return torch.stack(kept).sum()
+
+
+def test_append_without_argument_is_not_an_internal_error():
+    """Fuzz: ``list.append()`` with no argument on a list that carries gradient crashes the
+    compiler with ``IndexError: list index out of range`` at ``transform.py`` ``rev_expr``
+    (``value = call.args[0]``).  Python raises TypeError when the line runs; propgen may raise
+    that, or refuse the line.  (Fixed in 601390d: refused.)"""
+    with pytest.raises((TypeError, propgen.PropgenError)) as info:
+        propgen.grad(append_without_argument)(rn(4))
+    if isinstance(info.value, propgen.PropgenError):
+        assert_refused_at(info.value, append_without_argument)
+
+
+def method_through_getattr(x):
+    return getattr(x, "cos")().sum()  # noqa: B009 - the dynamic lookup is what is tested
+
+
+def test_method_called_through_getattr():
+    """Fuzz: ``getattr(x, 'cos')()`` runs, but no gradient reaches x (zeros); torch gives
+    ``-sin(x)``.  Either the gradient or a documented refusal would do; zeros is wrong."""
+    x = rn(4)
+    try:
+        got = propgen.grad(method_through_getattr)(x)
+    except propgen.PropgenError as err:
+        assert "method_through_getattr" in str(err) or "test_fuzz_regressions.py" in str(err)
+    else:
+        torch.testing.assert_close(got, -torch.sin(x), **TIGHT)
+
+
+def alias_under_no_grad(x):
+    with torch.no_grad():
+        y = x
+    return (y * y).sum()
+
+
+def in_place_update_under_no_grad(x):
+    h = x * 1.0
+    with torch.no_grad():
+        h *= 2.0
+    return (h * x).sum()
+
+
+@pytest.mark.parametrize("fn", [alias_under_no_grad, in_place_update_under_no_grad],
+                         ids=["alias", "in-place"])
+def test_no_grad_block_keeps_gradient_of_values_it_does_not_compute(fn):
+    """Fuzz: under ``torch.no_grad()`` propgen treats every name assigned in the block as
+    carrying no gradient.  In torch, ``y = x`` in the block is still x (gradient 2x), and an
+    in-place update in the block changes the value without cutting the value's own graph
+    (gradient ``x + 2x``).  propgen gives zeros for the alias and drops the first term for the
+    in-place update."""
+    x = rn(4)
+    torch.testing.assert_close(propgen.grad(fn)(x), autograd_grad(fn, x), **TIGHT)
+
+
+def augmented_assignment_on_alias(x):
+    y = x * 1.0
+    z = y
+    y -= 1.0
+    return (z * x).sum()
+
+
+def augmented_assignment_on_loop_rows(x):
+    h = x * 1.0
+    for row in h:
+        row += 1.0
+    return (h * h).sum()
+
+
+@pytest.mark.parametrize("fn", [augmented_assignment_on_alias, augmented_assignment_on_loop_rows],
+                         ids=["alias", "rows"])
+def test_augmented_assignment_updates_the_tensor_in_place(fn):
+    """Fuzz: ``y -= 1.0`` on a tensor is ``y.__isub__(1.0)``, an in-place update that every
+    alias of y (and the tensor a row view comes from) sees.  propgen compiles it as
+    ``y = y - 1.0``, so the alias keeps the old value: wrong result and gradient (``2x``
+    where torch has ``2x - 1``, resp. ``2x`` where torch has ``2(x + 1)``)."""
+    x = rn(4, 3) if fn is augmented_assignment_on_loop_rows else rn(4)
+    grads, result = propgen.grad(fn, preserve_result=True)(x)
+    torch.testing.assert_close(result, fn(x.clone()), **TIGHT)
+    torch.testing.assert_close(grads, autograd_grad(fn, x), **TIGHT)
+
+
+def list_augmented_concatenation(x):
+    parts = [x * 1.0, x * 2.0]
+    parts += parts
+    return torch.stack(parts).sum()
+
+
+def test_augmented_concatenation_of_a_list():
+    """Fuzz: ``parts += parts`` on a list is ``parts.extend(parts)``; propgen differentiates
+    it as a tensor addition, and the backward fails in ``unbroadcast`` (templates/helpers.py)
+    with ``AttributeError: 'list' object has no attribute 'sum'``.  torch: gradient 6."""
+    x = rn(4)
+    got = propgen.grad(list_augmented_concatenation)(x)
+    torch.testing.assert_close(got, 6.0 * torch.ones_like(x), **TIGHT)
+
+
+def builtin_max_of_a_vector(x):
+    return max(x)
+
+
+def builtin_sum_of_a_vector(x):
+    return sum(x) * 2.0
+
+
+@pytest.mark.parametrize("fn, expected", [(builtin_max_of_a_vector, [0.0, 1.0, 0.0]),
+                                          (builtin_sum_of_a_vector, [2.0, 2.0, 2.0])],
+                         ids=["max", "sum"])
+def test_builtin_reduction_over_a_tensor(fn, expected):
+    """Fuzz: Python's ``max(x)`` / ``sum(x)`` over a vector (iterating its elements) gives
+    the gradient as a list (``[None, None, None]`` for max, one 0-d tensor per element for
+    sum) instead of a tensor of x's shape; torch: one-hot at the maximum, resp. 2."""
+    x = torch.tensor([0.5, 2.0, -1.0], dtype=F64)
+    got = propgen.grad(fn)(x)
+    assert isinstance(got, torch.Tensor), got
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), **TIGHT)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward mode
+# --------------------------------------------------------------------------------------------
+
+
+def in_place_method_on_tangent(x):
+    y = torch.sin(x)
+    y.exp_()  # BUG
+    return y.sum()
+
+
+def in_place_method_on_argument(x):
+    x.mul_(2.0)  # BUG
+    return x.prod()
+
+
+@pytest.mark.parametrize("fn", [in_place_method_on_tangent, in_place_method_on_argument],
+                         ids=["local", "argument"])
+def test_forward_mode_in_place_method(fn):
+    """Fuzz: reverse mode refuses an in-place method on a value that carries gradient
+    (``the in-place tensor method exp_() ... is not supported``), forward mode accepts it and
+    returns a wrong tangent (the tangent of the value before the update).  Either refuse the
+    line as reverse mode does, or return torch's tangent."""
+    x, t = rn(4), rn(4, seed=1)
+    try:
+        got = propgen.autodiff(fn, mode="forward")(x.clone(), tangents=t)
+    except propgen.PropgenError as err:
+        assert_refused_at(err, fn)
+    else:
+        torch.testing.assert_close(got, torch_jvp(fn, x, t), **TIGHT)
+
+
+def swap_then_loop(x, y):
+    x, y = y, x
+    for _ in range(2):
+        x = x + y
+    return x.sum()
+
+
+def swap_in_untaken_branch(x, y):
+    if x.sum() > 100.0:
+        y, x = x, y
+    x = x * 2.0
+    return x.sum()
+
+
+@pytest.mark.parametrize("fn", [swap_then_loop, swap_in_untaken_branch],
+                         ids=["then-loop", "in-branch"])
+def test_forward_mode_swap_with_a_name_without_tangent(fn):
+    """Fuzz: ``x, y = y, x`` where only x (the differentiated argument) has a tangent.
+    Followed by a loop reading both, the generated JVP adds a tangent that is None
+    (``TypeError: unsupported operand type(s) for +: 'Tensor' and 'NoneType'``); inside a
+    branch that is not taken, x's tangent is lost (0).  torch: ``2 t.sum()`` both times."""
+    x, y, t = rn(4), rn(4, seed=2), rn(4, seed=1)
+    got = propgen.autodiff(fn, mode="forward")(x, y, tangents=t)
+    torch.testing.assert_close(got, torch_jvp(fn, x, t, y), **TIGHT)
+
+
+def bool_accumulator_in_loop(x):
+    acc = False
+    for i in range(3):
+        if i == 2:
+            acc = acc * x
+    return acc.sum()
+
+
+def test_forward_mode_accumulator_starting_as_bool():
+    """Fuzz: a name bound to ``False`` and later, in a loop branch, to a tensor: the JVP
+    multiplies a None tangent (``TypeError: unsupported operand type(s) for *: 'NoneType' and
+    'Tensor'``); reverse mode is right, and with ``acc = 0.0`` forward mode is right too."""
+    x, t = rn(4), rn(4, seed=1)
+    got = propgen.autodiff(bool_accumulator_in_loop, mode="forward")(x, tangents=t)
+    torch.testing.assert_close(got, torch_jvp(bool_accumulator_in_loop, x, t), **TIGHT)
+
+
+def list_made_under_no_grad(x):
+    with torch.no_grad():
+        out = []
+    out.append(x * 2.0)
+    return torch.stack(out).sum()
+
+
+def test_forward_mode_list_made_under_no_grad():
+    """Fuzz: an empty list made under ``torch.no_grad()`` and filled after the block: reverse
+    mode gives the gradient 2, forward mode drops the tangent (0).  The list holds nothing
+    computed under no_grad, so the tangent is ``2 * t.sum()`` in both modes' semantics."""
+    x, t = rn(4), rn(4, seed=1)
+    got = propgen.autodiff(list_made_under_no_grad, mode="forward")(x, tangents=t)
+    torch.testing.assert_close(got, 2.0 * t.sum(), **TIGHT)
+    torch.testing.assert_close(propgen.grad(list_made_under_no_grad)(x),
+                               2.0 * torch.ones_like(x), **TIGHT)
+
+
+def amin_beside_infinity(x):
+    return (x / torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=F64)).amin()
+
+
+def test_forward_mode_amin_with_an_infinite_element():
+    """Fuzz: the tangent of ``amin`` is NaN when another element of the input is infinite
+    (the template multiplies the tangent, inf there, by a 0/1 mask of the minima).  torch's
+    tangent is the tangent of the minimum, finite; reverse mode is right."""
+    x = torch.tensor([1.0, -1.0, 2.0, 3.0], dtype=F64)
+    t = torch.tensor([0.5, 0.25, -1.0, 2.0], dtype=F64)
+    got = propgen.autodiff(amin_beside_infinity, mode="forward")(x, tangents=t)
+    torch.testing.assert_close(got, torch_jvp(amin_beside_infinity, x, t), **TIGHT)
+
+
+def plus_sort_indices(x):
+    vals, idx = x.sort(dim=1)
+    return x.sum() + idx
+
+
+def test_forward_mode_tangent_keeps_dtype_next_to_integer_tensor():
+    """Fuzz: ``x.sum() + idx`` with ``idx`` the int64 indices of ``sort``: the result is
+    float64, its tangent comes out float32 (the indices get a zero tangent of the default
+    dtype, which wins the promotion against a 0-d float64), losing precision."""
+    x, t = rn(3, 4), rn(3, 4, seed=1)
+    got = propgen.autodiff(plus_sort_indices, mode="forward")(x, tangents=t)
+    torch.testing.assert_close(got, torch_jvp(plus_sort_indices, x, t), **TIGHT)
