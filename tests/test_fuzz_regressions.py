@@ -294,6 +294,22 @@ def test_builtin_reduction_over_a_tensor(fn, expected):
     torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), **TIGHT)
 
 
+def enumerate_counter_returned(x):
+    for i, _row in enumerate(x):
+        return i * 2.0
+
+
+def test_float_result_from_an_enumerate_counter():
+    """Fuzz: returning a float computed from ``enumerate``'s counter: the counter is taken to
+    carry gradient (it sits in one tuple with the row), and the backward fails in
+    ``unbroadcast`` (templates/helpers.py) with ``AttributeError: 'float' object has no
+    attribute 'sum'``.  The result does not depend on x: the gradient is zeros, as propgen
+    gives for ``return 3.0``."""
+    x = rn(5, 3)
+    torch.testing.assert_close(propgen.grad(enumerate_counter_returned)(x), torch.zeros_like(x),
+                               rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward mode
 # --------------------------------------------------------------------------------------------
@@ -350,6 +366,29 @@ def test_forward_mode_swap_with_a_name_without_tangent(fn):
     x, y, t = rn(4), rn(4, seed=2), rn(4, seed=1)
     got = propgen.autodiff(fn, mode="forward")(x, y, tangents=t)
     torch.testing.assert_close(got, torch_jvp(fn, x, t, y), **TIGHT)
+
+
+def rebind_through_a_list(x):
+    x = [x][0]
+    x = x * 2.0
+    return x.sum()
+
+
+def rebind_through_a_dict(x):
+    x = {"a": x}["a"]
+    x = x - 1.0
+    return x.sum()
+
+
+@pytest.mark.parametrize("fn, scale", [(rebind_through_a_list, 2.0),
+                                       (rebind_through_a_dict, 1.0)], ids=["list", "dict"])
+def test_forward_mode_argument_rebound_through_a_container(fn, scale):
+    """Fuzz: the differentiated argument rebound to itself taken out of a list or dict, then
+    rebound again: the JVP returns 0 (reverse mode is right, and with another name than x
+    forward mode is right too).  torch: ``scale * t.sum()``."""
+    x, t = rn(4), rn(4, seed=1)
+    got = propgen.autodiff(fn, mode="forward")(x, tangents=t)
+    torch.testing.assert_close(got, scale * t.sum(), **TIGHT)
 
 
 def bool_accumulator_in_loop(x):
