@@ -47,7 +47,13 @@ OPEN_BUGS: dict[str, str] = {
         "forward mode: amin's tangent is NaN next to an infinite element",
     _FUZZ + "test_forward_mode_tangent_keeps_dtype_next_to_integer_tensor":
         "forward mode: a tangent takes an integer tensor's dtype",
+    _FUZZ + "test_forward_mode_argument_rebound_through_a_container[list]":
+        "forward mode: x = [x][0] then x * 2 loses the tangent",
+    _FUZZ + "test_forward_mode_argument_rebound_through_a_container[dict]":
+        "forward mode: x = {'a': x}['a'] then x * 2 loses the tangent",
     # errors that are not the documented ones
+    _FUZZ + "test_float_result_from_an_enumerate_counter":
+        "return i * 2.0 from an enumerate loop: AttributeError in unbroadcast",
     _FUZZ + "test_unbound_local_is_a_name_error":
         "an unbound local reads None in the generated forward (TypeError, not NameError)",
     _FUZZ + "test_nested_function_used_as_a_value_inside_another":
