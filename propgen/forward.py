@@ -416,8 +416,11 @@ class Forward(Names):
 
         state = {w: DEF for w in self.wrt if w in self.act.active}
         body = self.block(self.body, state)
-        inits = [ir.assign(self.tname(n), ir.const(None))
-                 for n in sorted(self.maybe_vars) if n not in self.wrt]
+        # a snapshot of a parameter (x_in_1 = x before x is rebound) shares its tangent name:
+        # compare tangent names, or the tangent argument would be overwritten with None
+        given = {self.tname(w) for w in self.wrt}
+        inits = [ir.assign(t, ir.const(None))
+                 for t in sorted({self.tname(n) for n in self.maybe_vars} - given)]
         return _fdef(fname, self.params + self.tangent_params, inits + body, self.ctx)
 
 

@@ -284,9 +284,14 @@ class Normalizer:
     def sample_value(self, node: gast.AST) -> Any:
         """The value a dotted name rooted at a local had in the call being specialized."""
         chain = ir.attr_chain(node)
-        if chain is None or not self.is_local(chain[0]):
+        if chain is None:
             return MISSING
-        value = self.ctx.samples.get(self.rename[chain[0]], MISSING)
+        owner: Normalizer | None = self
+        while owner is not None and not owner.is_local(chain[0]):
+            owner = owner.outer  # a nested function reads its enclosing function's locals
+        if owner is None:
+            return MISSING
+        value = self.ctx.samples.get(owner.rename[chain[0]], MISSING)
         for part in chain[1:]:
             if value is MISSING or isinstance(value, torch.Tensor):
                 return MISSING

@@ -62,8 +62,6 @@ OPEN_BUGS: dict[str, str] = {
     "tests/test_fuzz.py::test_random_supported_functions_match_autograd":
         "after the rest of the suite (not alone) an example reaches the no_grad in-place bug "
         "above (x += k under no_grad): order-dependent, to be found out",
-    "tests/test_properties.py::test_reverse_mode_matches_autograd":
-        "its fixed examples reach the F.linear / kl_div adjoint bugs above",
     "tests/test_fuzz.py::test_mutated_functions_compile_or_raise_documented_errors":
         "its fixed examples reach the open bugs above",
 }

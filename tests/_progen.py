@@ -10,17 +10,20 @@ through propgen and compare with torch.autograd on the same source.
 What a program is made of:
 
 * helper functions (``h0``, ``h1``...) defined in the same module, returning one value or a
-  pair, called from the entry function and from later helpers, positionally or by keyword;
+  pair, called from the entry function and from later helpers, positionally or by keyword,
+  some with a bool parameter or a float one with a default; module-level tensors they read;
 * straight-line assignments over a spread of the ops propgen has templates for (elementwise,
-  broadcasting arithmetic, matmul forms, reductions with dims and keepdim, shape ops,
-  indexing and slicing, where, cat/stack, torch.nn.functional activations), in their
-  function, method and operator spellings;
-* ``for`` loops over ``range`` (a constant or the int argument ``n``), over a tensor's rows,
-  ``enumerate`` and ``zip``; counted ``while`` loops and a data-dependent halving ``while``;
-  lists filled by ``append`` and stacked, buffers written by index;
-* ``if``/``else`` on Python values (the arguments ``flag`` and ``n``, loop counters) and on
-  tensors (``v.sum() > 0``), early returns from the entry function;
-* augmented assignment to names and to buffer rows.
+  broadcasting arithmetic with Python numbers and tensors, matmul forms, reductions with dims
+  and keepdim, shape ops, indexing and slicing, where and masks, cat/stack, stop-gradients,
+  torch.nn.functional activations, losses and normalizations), in their function, method and
+  operator spellings; conditional expressions, list comprehensions, lambdas;
+* ``for`` loops over ``range`` (a constant, the int argument ``n``, a tensor's length), over
+  a tensor's rows, ``enumerate`` and ``zip``, with ``break`` and ``continue``; counted
+  ``while`` loops and a data-dependent halving ``while``; lists filled by ``append`` and
+  stacked, accumulators, buffers written by index;
+* ``if``/``elif``/``else`` on Python values (the arguments ``flag`` and ``n``, loop counters)
+  and on tensors (``v.sum() > 0``), early returns from the entry function;
+* augmented assignment to names, stores into tensors (``v[0, 1:] += e``).
 
 Drawing keeps every program runnable and numerically tame: the shape of every value is known
 while drawing (an op is only drawn where its operands fit, checked by running it on dummy
@@ -32,18 +35,21 @@ rare example whose reference result is not finite or huge.
 A program renders three ways (``Program.source(mode)``):
 
 * ``"plain"``: the program propgen differentiates;
-* ``"ref"``: the same program for the eager torch.autograd reference; it differs only in
-  spelling augmented assignments out of place (``v = v + e``), because eager autograd refuses
-  in-place updates of values it saved.  The generator never applies an augmented assignment
-  to a tensor another live name shares storage with (a view, an argument, a row being
-  iterated), so both spellings mean the same computation;
+* ``"ref"``: the same program for the eager torch.autograd reference.  Eager autograd refuses
+  to change in place a value it saved, so augmented assignments are spelled out of place
+  (``v = v + e``) and a store writes into a copy (``rhs = e; v = v.clone(); v[i] = rhs``).
+  The generator never updates in place a tensor another live name shares storage with (a
+  view, an argument, a list element, a row being iterated), so both spellings mean the same;
 * ``"prop"``: the entry function decorated with ``@propgen.propagate``, a ``manager``
-  parameter threaded through every function, and some assignments wrapped in
-  ``manager.forward(...)``; under a plain PropagationManager it must equal ``"ref"``.
+  parameter threaded through every function, and some values (assigned ones, and some in the
+  middle of expressions) wrapped in ``manager.forward(...)``; under an identity propagator it
+  must equal ``"ref"``.
 
-Hypothesis shrinks the draws, so a failure is reported as a small program; the choices listed
-first in each table (and the "no" side of every coin) are the simple ones it shrinks toward.
-Nothing here is copied from another project.
+``programs(avoid=...)`` leaves out constructs of known open bugs (``KNOWN_BUGS``), to hunt
+for others; ``programs(mutate=False)`` leaves out appends and stores, which second
+derivatives refuse by design.  Hypothesis shrinks the draws, so a failure is reported as a
+small program; the choices listed first in each table (and the "no" side of every coin) are
+the simple ones it shrinks toward.  Nothing here is copied from another project.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import hashlib
 import importlib.util
 import itertools
 import math
+import re
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -151,10 +158,6 @@ class Program:
                 out.append(p.value)
         return out
 
-    @property
-    def tensor_positions(self) -> tuple:
-        return tuple(i for i, p in enumerate(self.params) if p.kind == "tensor")
-
     def describe(self) -> str:
         """The call the tests make, for failure reports."""
         parts = [f"{p.name}: {p.shape}" if p.kind == "tensor" else f"{p.name}={p.value!r}"
@@ -239,7 +242,15 @@ def _squash(v: Val, cap: float = LIMIT) -> Val:
 
 @lru_cache(maxsize=65536)
 def _fits(fmt: str, shapes: tuple, ints: tuple) -> tuple | None:
-    """The shape ``fmt`` gives on dummy operands of ``shapes`` (None when it does not run)."""
+    """The shape ``fmt`` gives on dummy operands of ``shapes`` (None when it does not run, or
+    warns: a deprecated or broadcasting use).
+
+    Warnings torch gives once per process (``x.T`` on a tensor that is not 2-d) are checked
+    here instead, so that what is drawn never depends on what ran before in the process.
+    """
+    for k in re.findall(r"\{(\w)\}\.T\b", fmt):
+        if len(shapes["abc".index(k)]) != 2:
+            return None
     ns = {"torch": torch, "F": F, **dict(ints)}
     names = {}
     for k, s in zip("abc", shapes):
@@ -395,6 +406,8 @@ class _Gen:
         self.lambdas: list = []  # (name, result bound) of lambdas f has defined so far
         self.node_sites: list = []  # f's top-level assignments that could become nodes
         self.globals: dict = {}  # module-level tensors the functions read (never rebound)
+        self.nested: list = []  # (name, parameter shape, result) of f's nested functions
+        self.frozen: set = set()  # names of f a nested function reads: never rebound after
         self.nodes = 0
 
     # -- choices ------------------------------------------------------------------------
@@ -452,7 +465,7 @@ class _Gen:
             return self.leaf(scope)
         kind = self.pick(scope.kinds or (
             "unary", "binary", "scalar", "reduce", "shape", "index", "matmul", "cat", "call",
-            "masked", "ifexp", "lambda", "comp", "detach", "nn", "leaf"))
+            "masked", "ifexp", "lambda", "comp", "detach", "nn", "nested", "leaf"))
         make = getattr(self, f"_{kind}")
         out = make(scope, depth)
         if out is None:
@@ -477,6 +490,22 @@ class _Gen:
         name, bound = self.pick(self.lambdas)
         a = _squash(self.expr(scope, depth - 1), 3.0)
         return Val(f"{name}({a.text})", a.shape, bound, True)
+
+    def _nested(self, scope: Scope, depth: int) -> Val | None:
+        """A call of one of f's nested functions (on a value of its parameter's shape)."""
+        if not scope.entry:
+            return None
+        calls = [(g, n) for g, shape, _ in self.nested for n in self.tensors(scope)
+                 if scope.env[n].shape == shape]
+        if not calls:
+            return None
+        g, arg = self.pick(calls)
+        res = next(r for name, _, r in self.nested if name == g)
+        return Val(f"{g}({_squash(self.leaf_of(scope, arg), 3.0).text})", res.shape, res.bound)
+
+    def leaf_of(self, scope: Scope, name: str) -> Val:
+        v = scope.env[name]
+        return Val(name, v.shape, v.bound, True, v.groups)
 
     def _comp(self, scope: Scope, depth: int) -> Val | None:
         """A list comprehension over a range or a tensor's rows, stacked or summed."""
@@ -546,6 +575,8 @@ class _Gen:
             "torch.addmm({b}[0], {a}, {a}.T)", "torch.fmin({a}, {b})",
         ))
         if "linear-1d-weight" in self.avoid and "linear" in fmt and len(b.shape) < 2:
+            return None
+        if "kl-div-broadcast" in self.avoid and "kl_div" in fmt and a.shape != b.shape:
             return None
         if "norm" in fmt:  # at a 0 vector a norm is not differentiable
             a = Val(f"{a.atom} * {a.atom} + 0.5", a.shape, a.bound * a.bound + 0.5, False)
@@ -755,8 +786,6 @@ class _Gen:
         a = self.expr(scope, depth - 1)
         fmt = self.pick(("{a}[{a} > 0].sum()", "torch.masked_select({a}, {a} < 0.5).sum()",
                          "{a}.masked_fill({a} > 1.0, 0.0)", "torch.where({a} > 0, {a}, 0.0)"))
-        if "masked-0d" in self.avoid and not a.shape and fmt.startswith("{a}["):
-            fmt = "torch.where({a} > 0, {a}, 0.0)"
         bound = a.bound * _numel(a.shape) if fmt.endswith("sum()") else a.bound
         return self.apply(scope, fmt, a, bound=bound)
 
@@ -804,7 +833,8 @@ class _Gen:
             self.statement(scope)
 
     def statement(self, scope: Scope) -> None:
-        kinds = ["assign", "assign", "augassign", "pair", "callstmt", "store", "lambda"]
+        kinds = ["assign", "assign", "augassign", "pair", "callstmt", "store", "lambda",
+                 "nested"]
         if scope.nest < MAX_NEST:
             kinds += ["for", "if", "while", "listloop", "halving"]
         kind = self.pick(kinds)
@@ -827,10 +857,8 @@ class _Gen:
         """Rebinding a name bound outside a nested block must keep its shape (the code after
         the block reads it either way) and must not make it a view (an augmented assignment
         in a later iteration would write through it)."""
-        if "iterated-rebind" in self.avoid and name in scope.iterated:
-            return False
-        if name in self.globals:  # assigning it would make it local to the whole function
-            return False
+        if name in self.globals or name in self.frozen:
+            return False  # assigning it would make it local to the whole (nested) function
         if name not in scope.outer:
             return True
         old = scope.env[name]
@@ -862,6 +890,29 @@ class _Gen:
         body = self.expr(inner, self.count(1, 3))
         self.emit(scope, f"{name} = lambda t: {body.text}")
         self.lambdas.append((name, body.bound))
+
+    def s_nested(self, scope: Scope) -> None:
+        """``def gK(t): ...`` inside f, reading a few of f's values (a closure).  Those names
+        are never rebound afterwards (nor updated in place), so the function reads the
+        values it was drawn with whenever it is called."""
+        if not scope.entry or scope.nest:
+            return self.s_assign(scope)
+        names = self.tensors(scope)
+        closed = sorted({self.pick(names) for _ in range(self.count(0, 2))})
+        shape = scope.env[self.pick(names)].shape
+        env = {n: scope.env[n] for n in closed}
+        env["t"] = Val("t", shape, 3.0, True, frozenset({("param", "t")}))
+        self.fixed_groups.add(("param", "t"))  # the caller's tensor: never updated in place
+        name = self.name("g")
+        self.emit(scope, f"def {name}(t):")
+        inner = Scope(env, scope.indent + 1, {}, (), nest=1, entry=False)
+        self.frozen |= set(closed)
+        for n in closed:
+            self.fixed_groups |= scope.env[n].groups
+        self.block(inner, 0, 2)
+        result = self.expr(inner, self.count(1, 2))
+        self.emit(inner, f"return {result.text}")
+        self.nested.append((name, shape, Val("", result.shape, result.bound)))
 
     def s_store(self, scope: Scope) -> None:
         """``v[index] = e`` (or ``+=``, ``*=``) into a tensor no other name shares."""
@@ -897,7 +948,7 @@ class _Gen:
     def owned(self, scope: Scope, name: str) -> bool:
         """May ``name`` be updated in place: its storage is its own, no other name views it."""
         v = scope.env[name]
-        if len(v.groups) != 1 or v.groups & self.fixed_groups:
+        if len(v.groups) != 1 or v.groups & self.fixed_groups or name in self.frozen:
             return False
         return not any(o.groups & v.groups for n, o in scope.env.items() if n != name)
 
@@ -1091,9 +1142,6 @@ class _Gen:
         mode = self.pick(("plain", "list", "buffer", "accumulate"))
         if skipped or (not self.mutate and mode in ("list", "buffer")):
             mode = "plain"  # an append or a sum after the continue might never happen
-        if "const-reinit" in self.avoid and (scope.loop or not scope.entry) and \
-                mode in ("buffer", "accumulate"):
-            mode = "plain"  # the constant that starts them would be assigned again
         ivar = next(iter(ints), None)
         if mode == "list" and not body.returned:
             e = self.expr(body, self.count(0, 2))
@@ -1107,7 +1155,7 @@ class _Gen:
                              "torch.cat({h})"))
             if fmt == "torch.cat({h})" and not e.shape:
                 fmt = "torch.stack({h})"
-            self.end_for(scope, body, drop)
+            self.end_for(scope, body, drop, may_break=False)
             if scope.returned:
                 return
             self.emit(scope, f"{out} = {fmt.format(h=hs)}")
@@ -1152,10 +1200,11 @@ class _Gen:
             return
         self.end_for(scope, body, drop)
 
-    def end_for(self, scope: Scope, body: Scope, drop: tuple) -> None:
+    def end_for(self, scope: Scope, body: Scope, drop: tuple, may_break: bool = True) -> None:
         """Maybe a ``break`` at the end of the body (every statement ran at least once, so
-        the environment after the loop is the same), then the environment after the loop."""
-        if self.coin(12) and not body.returned:
+        the environment after the loop is the same), then the environment after the loop.
+        ``may_break=False`` where the trip count decides a shape (a stacked list)."""
+        if may_break and self.coin(12) and not body.returned:
             self.emit(body, f"if {self.condition(body)}:")
             self.lines.append(Line(body.indent + 1, "break"))
         self.loop_end(scope, body, drop)
@@ -1307,10 +1356,8 @@ class _Gen:
 # to hunt for other bugs while those are open.  (The empty-branch bug of
 # test_branch_assigning_a_constant_argument has no simple rule to avoid it.)
 KNOWN_BUGS = frozenset({
-    "const-reinit",  # a name holding a differentiable value rebound to a constant
-    "iterated-rebind",  # ``for row in x:`` with x rebound in the loop body
-    "masked-0d",  # ``s[s > 0]`` on a 0-d tensor
     "linear-1d-weight",  # ``F.linear(x, w)`` with a 1-d ``w``
+    "kl-div-broadcast",  # ``F.kl_div(x, t)`` with x broadcasting against t
 })
 
 
@@ -1335,21 +1382,21 @@ def programs(avoid: frozenset = frozenset(), mutate: bool = True):
 # Loading a rendering as a real module (propgen reads functions with inspect.getsource)
 # ------------------------------------------------------------------------------------------
 
-_serial = itertools.count()
-
-
 def write_module(source: str, directory: Path, stem: str = "progen") -> tuple[str, Path]:
-    """Write ``source`` to a new file in ``directory``; returns (unique module name, path)."""
-    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:10]
-    name = f"_{stem}_{digest}_{next(_serial)}"
+    """Write ``source`` to a file in ``directory`` named after its content; returns (module
+    name, path).  The same source gets the same name, so that an error raised in it is
+    reported at the same place when hypothesis replays an example."""
+    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
+    name = f"_{stem}_{digest}"
     path = Path(directory) / f"{name}.py"
-    path.write_text(source, encoding="utf-8")
+    if not path.exists():
+        path.write_text(source, encoding="utf-8")
     return name, path
 
 
 def load_module(source: str, directory: Path, stem: str = "progen") -> ModuleType:
-    """Import ``source`` as a fresh module from a real file (every call a new module, so
-    propgen never reuses code compiled for another program)."""
+    """Import ``source`` as a fresh module object from a real file (every call a new module
+    with new function objects, which propgen compiles anew)."""
     name, path = write_module(source, directory, stem)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

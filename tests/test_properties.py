@@ -11,8 +11,11 @@ eagerly on the same source:
 * forward mode: ``propgen.autodiff(f, mode='forward')`` along random tangents gives the
   directional derivative, sum_i <autograd's gradient i, tangent i>;
 * propagation: the program with some values wrapped in ``manager.forward(...)``, under
-  ``@propgen.propagate`` and a default ``PropagationManager`` (plain backprop), puts
-  autograd's gradients in the leaves' ``.grad``.
+  ``@propgen.propagate`` and a default ``PropagationManager`` (plain backprop) or one of the
+  identity propagators, puts autograd's gradients in the leaves' ``.grad``;
+* second order: ``propgen.hvp`` (forward mode over propgen's generated backward) equals
+  autograd's double backward, on programs without list appends and tensor stores (which
+  second derivatives refuse by design).
 
 Two hypothesis profiles, registered here rather than in conftest.py so that no other test
 module is affected:
@@ -25,7 +28,8 @@ module is affected:
 
 When an example fails, hypothesis shrinks it and reports the minimal program's source (the
 falsifying example's repr and a note with the rendering that failed).  Each real bug found
-this way is kept as a plain test in ``test_property_regressions.py``.
+this way is kept as a plain test in ``test_property_regressions.py``; to hunt for other bugs
+while those are open, draw ``_progen.programs(avoid=_progen.KNOWN_BUGS)`` instead.
 """
 
 from __future__ import annotations
@@ -48,11 +52,15 @@ import propgen  # noqa: E402
 # seed) is function scoped, which is harmless here: each example sets its own values.
 _QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
           HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60,
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=100,
                           database=None, suppress_health_check=_QUIET, print_blob=False)
 settings.register_profile("thorough", derandomize=False, deadline=None, max_examples=2000,
                           database=None, suppress_health_check=_QUIET, print_blob=True)
 PROFILE = settings.get_profile(os.environ.get("PROPGEN_HYPOTHESIS", "ci"))
+
+# float(t) / t.item() on a value carrying gradients is part of what programs do (a stop-gradient)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning")
 
 RTOL = 1e-7  # float64 throughout: only the order of floating-point sums may differ
 HUGE = 1e6  # a reference value or gradient beyond this: the example is discarded
@@ -102,6 +110,8 @@ def _plain(program: _progen.Program, directory):
 @PROFILE
 @given(program=_progen.programs())
 def test_reverse_mode_matches_autograd(program, program_dir):
+    """propgen.grad: f's value and the gradient of every wrt argument equal autograd's, and
+    propgen leaves the argument tensors unchanged."""
     want, grads, scale = _reference(program, program_dir)
     f = _plain(program, program_dir)
     args = program.arguments()
@@ -120,6 +130,10 @@ def test_reverse_mode_matches_autograd(program, program_dir):
 @PROFILE
 @given(program=_progen.programs())
 def test_forward_mode_matches_autograd(program, program_dir):
+    """propgen.autodiff(mode='forward'): f's tangent along random tangents of the wrt
+    arguments equals the directional derivative from autograd's gradient.  f returns a
+    scalar, so one number checks every tangent propgen computed on the way, up to a random
+    projection."""
     want, grads, scale = _reference(program, program_dir)
     f = _plain(program, program_dir)
     args = program.arguments()
@@ -143,6 +157,9 @@ IDENTITIES = {"default": None, "Propagator": propgen.Propagator,
 @PROFILE
 @given(program=_progen.programs(), identity=st.sampled_from(sorted(IDENTITIES)))
 def test_identity_propagation_matches_autograd(program, identity, program_dir):
+    """@propgen.propagate with nodes that send the gradient on unchanged: the leaves' .grad
+    after ``manager.backward(loss)`` (a scalar loss: differentiated as itself) is autograd's
+    gradient.  Nodes sit in loops, branches, helpers and the middle of expressions."""
     want, grads, scale = _reference(program, program_dir)
     note(f"propagate rendering:\n{program.source('prop')}")
     module = _progen.load_module(program.source("prop"), program_dir, "prop")
@@ -194,7 +211,11 @@ def test_hessian_vector_product_matches_double_backward(program, program_dir):
     g = torch.Generator().manual_seed(program.seed + 2)
     tangents = tuple(torch.randn(args[i].shape, generator=g, dtype=torch.float64)
                      for i in program.wrt)
-    want = _double_backward(program, program_dir, tangents)
+    try:
+        want = _double_backward(program, program_dir, tangents)
+    except RuntimeError as e:  # e.g. hardsigmoid: torch has no second derivative to compare
+        assume("is not implemented" not in str(e))
+        raise
     sizes = torch.cat([w.abs().reshape(-1) for w in want])
     assume(bool(torch.isfinite(sizes).all()) and float(sizes.max()) < HUGE)
     hv_scale = max(scale, float(sizes.max())) * max(1.0, max(float(t.abs().max())

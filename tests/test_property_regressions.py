@@ -1,10 +1,12 @@
 """Minimal programs found by the property tests (test_properties.py), as plain tests.
 
-Each program below was drawn by ``tests/_progen.py``, shrunk by hypothesis and then reduced
-by hand to the few lines that still show the bug.  It is written out as source, loaded from
-a real file (propgen reads functions with ``inspect.getsource``) and compared, in float64,
-with torch.autograd on the same source, the way the property tests compare.  A test here
-that fails is an open propgen bug; its docstring says what goes wrong.
+Each program below was drawn by ``tests/_progen.py`` (in the property tests, or in longer
+runs of the same checks), shrunk (by hypothesis, or by deleting statements while the failure
+stayed the same) and reduced by hand to the few lines that still show the bug.  It is written
+out as source, loaded from a real file (propgen reads functions with ``inspect.getsource``)
+and compared, in float64, with torch.autograd on the same source, the way the property tests
+compare.  A test here that fails is an open propgen bug; its docstring says what goes wrong
+(or, for the bugs fixed since, what went wrong).
 
 Nothing here needs hypothesis.
 """
@@ -131,10 +133,10 @@ CONSTANT_REBIND = {
 
 @pytest.mark.parametrize("case", sorted(CONSTANT_REBIND))
 def test_rebinding_to_a_constant_drops_the_gradient(case, tmp_path):
-    """Open bug (reverse mode): the backward of ``v = <constant>`` does not reset ``d_v``
-    (the generated backward has no statement for it, see ``propgen.source``), so the
-    gradient reaching the constant is added to the gradient of the value ``v`` held before.
-    ``v = c`` with ``c`` a non-differentiated argument, and ``v = c * 2.0``, are right."""
+    """Reverse mode; fixed in 9c38bc9.  The backward of ``v = <constant>`` did not reset
+    ``d_v`` (the generated backward had no statement for it), so the gradient reaching the
+    constant was added to the gradient of the value ``v`` held before.  ``v = c`` with ``c``
+    a non-differentiated argument, and ``v = c * 2.0``, were right."""
     source, n = CONSTANT_REBIND[case]
     f = _load(source, tmp_path)
     args = _arguments((3, 4)) + ([] if n is None else [n])
@@ -177,9 +179,9 @@ ITERATED_REBIND = """
 
 @pytest.mark.parametrize("mode", ["reverse", "forward", "propagate"])
 def test_loop_over_a_tensor_the_body_rebinds(mode, tmp_path):
-    """Open bug (all modes): f's value itself is wrong (rows of 2x, 4x, 8x... are summed
-    instead of the rows of x), and so are the gradients; the loop over the rows should read
-    the tensor the loop started with."""
+    """All modes; fixed in 9c38bc9.  f's value itself was wrong (the rows of 2x, 4x, 8x...
+    were summed instead of the rows of x), and so were the gradients: the loop read the rows
+    of the current x instead of the tensor the loop started with."""
     f = _load(ITERATED_REBIND, tmp_path)
     args = _arguments((3, 4))
     if mode == "reverse":
@@ -206,8 +208,8 @@ MASKED_0D = """
 
 @pytest.mark.parametrize("positive", [True, False], ids=["selected", "empty"])
 def test_boolean_mask_of_a_0d_tensor(positive, tmp_path):
-    """Open bug (reverse mode): IndexError "too many indices for tensor of dimension 0"
-    raised from templates/helpers.py getitem_grad (the index_put scatter on a 0-d tensor)."""
+    """Reverse mode; fixed in 9c38bc9.  IndexError "too many indices for tensor of dimension
+    0" from templates/helpers.py getitem_grad (its index_put scatter on a 0-d tensor)."""
     f = _load(MASKED_0D, tmp_path)
     x = _arguments((3, 4))[0].abs()
     _assert_reverse(f, [x if positive else -x])
@@ -245,10 +247,10 @@ INACTIVE_BRANCH = """
 
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["if", "else"])
 def test_branch_assigning_a_constant_argument(sign, tmp_path):
-    """Open bug (reverse mode, propagation): compiling the generated backward raises
-    IndentationError "expected an indented block after 'else' statement" (c is not
-    differentiated, so the backward of ``v = c`` is empty and the branch gets no ``pass``).
-    With wrt=(0, 1), and in forward mode, the same function works."""
+    """Reverse mode and propagation; fixed in 9c38bc9.  Compiling the generated backward
+    raised IndentationError "expected an indented block after 'else' statement": c is not
+    differentiated, so the backward of ``v = c`` is empty and the branch held only its
+    comment.  With wrt=(0, 1), and in forward mode, the same function worked."""
     f = _load(INACTIVE_BRANCH, tmp_path)
     x, c = _arguments((3,), (3,))
     _assert_reverse(f, [sign * x.abs(), c])
@@ -326,3 +328,77 @@ def test_kl_div_input_broadcast_against_target_forward_mode(name, tmp_path):
     f = _load(KL_DIV_BROADCAST, tmp_path, name)
     x, t = _arguments((3, 1), (3, 4))
     _assert_forward(f, [x, t.abs() if name == "g" else t])
+
+
+# --------------------------------------------------------------------------------------------
+# A node inside a function defined in the decorated function (a closure over ``manager``).
+# --------------------------------------------------------------------------------------------
+
+NODE_IN_CLOSURE = """
+    import torch
+
+    import propgen
+
+    @propgen.propagate
+    def f_def(manager, x):
+        def g(t):
+            return manager.forward(t * 2.0)
+        return g(x).sum()
+
+    @propgen.propagate
+    def f_lambda(manager, x):
+        g = lambda t: manager.forward(t * 2.0)  # noqa: E731
+        return g(x).sum()
+
+    def f(x):
+        return (x * 2.0).sum()
+    """
+
+
+@pytest.mark.parametrize("name", ["f_def", "f_lambda"])
+def test_node_inside_a_nested_function(name, tmp_path):
+    """Open bug (propagation): RuntimeError "manager.forward(...) was called outside a
+    function decorated with @propgen.propagate" from the generated forward.  The nested
+    function is inlined, but ``manager.forward`` on the closure's ``manager`` is compiled as
+    an opaque call (``# opaque: forward() has no adjoint template``) instead of a node.  A
+    module-level helper taking ``manager`` as an argument works."""
+    f_prop = _load(NODE_IN_CLOSURE, tmp_path, name)
+    f = _load(NODE_IN_CLOSURE, tmp_path)
+    _assert_propagate(f_prop, f, _arguments((3,)))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward mode: a parameter rebound to a slice of itself, then rebound again.
+# --------------------------------------------------------------------------------------------
+
+PARAMETER_REBOUND_TWICE = """
+    import torch
+
+    def f(x, y):
+        x = x[1:]
+        x = x * y
+        return x.sum()
+
+    def f_found(x0, x2):
+        x0 = torch.stack([x0 for c1 in range(1)], dim=-1)[:, 1:]
+        x0 *= torch.tanh(2.0 ** x2)
+        return torch.tanh(x0).sum()
+    """
+
+
+@pytest.mark.parametrize("name", ["f", "f_found"])
+@pytest.mark.parametrize("wrt", [(0,), (0, 1)])
+def test_forward_mode_parameter_rebound_to_its_slice(name, wrt, tmp_path):
+    """Open bug (forward mode): the tangent of x is lost, silently (the JVP is 0 along x).
+    The generated ``f_jvp(x, y, t_x)`` begins with ``t_x = None``, overwriting the tangent
+    argument (see ``propgen.autodiff(f, mode='forward').source``).  ``f_found`` is the
+    program as the property checks found it, after deleting statements.  Reverse mode is
+    right."""
+    f = _load(PARAMETER_REBOUND_TWICE, tmp_path, name)
+    x, y = _arguments((3, 4), ())
+    _assert_forward(f, [x, y], wrt)
+
+
+def test_parameter_rebound_to_its_slice_reverse_mode(tmp_path):
+    f = _load(PARAMETER_REBOUND_TWICE, tmp_path)
+    _assert_reverse(f, _arguments((3, 4), ()), (0, 1))
