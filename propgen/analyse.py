@@ -131,8 +131,8 @@ def _is_tensor_value(value: gast.AST, tensors: set) -> bool:
     callee: Callee | None = getattr(value, "pg_callee", None)
     if callee is not None and callee.kind == "nondiff" and callee.label in CONSTRUCTORS:
         return True
-    if isinstance(value, (gast.BinOp, gast.UnaryOp)):
-        return callee is not None and callee.kind == "template"
+    if isinstance(value, (gast.BinOp, gast.UnaryOp)):  # (list + list is a list)
+        return callee is not None and callee.kind == "template" and callee.label != "concat"
     if isinstance(value, gast.Attribute):
         return callee is not None and callee.kind == "template"
     if isinstance(value, gast.Subscript):

@@ -11,6 +11,7 @@ computation and closures over the caller's locals read the caller's variables.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import inspect
 import operator
@@ -199,6 +200,7 @@ class Normalizer:
         self.rename = rename  # local name -> generated name
         self.outer = outer  # for nested defs: the enclosing function's normalizer
         self.local_funcs: dict[str, gast.FunctionDef] = {}
+        self.lists: set[str] = set()  # locals a list display, comprehension or concat bound
         self.out: list = []
         self.cur: gast.AST | None = None  # the user statement being normalized
         self.nograd = False
@@ -214,8 +216,13 @@ class Normalizer:
         src = self.cur if self.cur is not None else stmt
         stmt.pg_loc = self.loc(src)
         stmt.lineno = stmt.pg_loc.lineno
-        if self.nograd:
+        if self.nograd and not _binds_as_is(stmt):
             stmt.pg_nograd = True
+        if isinstance(stmt, gast.Assign) and isinstance(stmt.targets[0], gast.Name):
+            if _makes_list(stmt.value) or self.is_list(stmt.value):
+                self.lists.add(stmt.targets[0].id)
+            else:
+                self.lists.discard(stmt.targets[0].id)
         if getattr(src, "pg_bookkeeping", False):
             stmt.pg_bookkeeping = True
         if (self.ctx.propagation is not None and isinstance(stmt, gast.Assign)
@@ -231,6 +238,13 @@ class Normalizer:
             self.stmt(s)
         result, self.out = self.out, saved
         return result
+
+    def is_list(self, atom: gast.AST) -> bool:
+        """Whether a normalized atom is known to hold a list (by the statement that last bound
+        it, or by the argument's value in the call being specialized)."""
+        if not isinstance(atom, gast.Name):
+            return False
+        return atom.id in self.lists or isinstance(self.ctx.samples.get(atom.id), list)
 
     def is_local(self, name: str) -> bool:
         return name in self.rename
@@ -385,6 +399,13 @@ class Normalizer:
                 if folded is not MISSING:
                     return ir.const(folded)
             node = gast.BinOp(left=left, op=e.op, right=right)
+            if self.is_list(left) or self.is_list(right):
+                if isinstance(e.op, gast.Add):  # list + list: a concatenation, not an add
+                    fn, label = operator.concat, "concat"
+                elif not isinstance(e.op, gast.Mod):
+                    self.fail(e, f"the operator {label} on a list",
+                              "build the list with a loop or a comprehension, or join lists "
+                              "with +")
             node.pg_callee = self.classify(fn, label)
             return node
         if isinstance(e, gast.UnaryOp):
@@ -527,6 +548,7 @@ class Normalizer:
         self.emit(ir.assign(t, gast.Dict(keys=[], values=[]) if is_dict else ir.const(None)))
         if not is_dict:
             self.out[-1].value = gast.List(elts=[], ctx=gast.Load())
+            self.lists.add(t)
         e = ir.clone(e)
         # the comprehension's variables live in their own scope: give them fresh names
         renames: dict[str, str] = {}
@@ -575,7 +597,26 @@ class Normalizer:
             has_params = any(p.requires_grad for p in fn.__self__.parameters())
         return Callee("opaque", fn, None, label, has_params)
 
+    def constant_getattr(self, e: gast.AST) -> gast.Attribute | None:
+        """``getattr(x, 'cos')`` with a constant name, as the attribute ``x.cos`` it reads."""
+        if not (isinstance(e, gast.Call) and isinstance(e.func, gast.Name) and len(e.args) == 2
+                and not e.keywords and isinstance(e.args[1], gast.Constant)
+                and isinstance(e.args[1].value, str) and e.args[1].value.isidentifier()):
+            return None
+        if self.is_local(e.func.id) or self._local_func_owner(e.func.id) is not None:
+            return None
+        if self.static_value(e.func) is not builtins.getattr:
+            return None
+        return gast.copy_location(
+            gast.Attribute(value=e.args[0], attr=e.args[1].value, ctx=gast.Load()), e)
+
     def call(self, e: gast.Call, hint: str) -> gast.AST:
+        attribute = self.constant_getattr(e)
+        if attribute is not None:
+            return self.expr(attribute, hint)
+        if self.constant_getattr(e.func) is not None:
+            e = gast.copy_location(gast.Call(func=self.constant_getattr(e.func), args=e.args,
+                                             keywords=e.keywords), e)
         func = e.func
         label = func.attr if isinstance(func, gast.Attribute) else getattr(func, "id", "call")
         # a nested def or lambda of this function (or of an enclosing one): inline it
@@ -865,6 +906,20 @@ class Normalizer:
 
     def augassign(self, s: gast.AugAssign) -> None:
         t = s.target
+        if (isinstance(t, gast.Name) and isinstance(s.op, gast.Add) and self.is_local(t.id)
+                and self.is_list(self.local(t.id))):
+            # parts += more extends the list in place (every alias of it sees the new items)
+            load = gast.Name(id=t.id, ctx=gast.Load(), annotation=None, type_comment=None)
+            more = s.value
+            if isinstance(more, gast.Name) and more.id == t.id:  # parts += parts: a copy, so
+                more = gast.Call(func=gast.Name(id="list", ctx=gast.Load(), annotation=None,
+                                                type_comment=None),  # the undo knows its length
+                                 args=[more], keywords=[])
+            extend = gast.Call(func=gast.Attribute(value=load, attr="extend", ctx=gast.Load()),
+                               args=[more], keywords=[])
+            self.stmt(gast.copy_location(gast.Expr(value=gast.copy_location(extend, s)), s),
+                      keep_cur=True)
+            return
         if isinstance(t, gast.Name):
             load = gast.Name(id=t.id, ctx=gast.Load(), annotation=None, type_comment=None)
             gast.copy_location(load, t)
@@ -1085,6 +1140,19 @@ def _add_stored(body: list, rename: dict[str, str]) -> None:
         for n in gast.walk(s):
             if isinstance(n, gast.Name) and isinstance(n.ctx, gast.Store):
                 rename.setdefault(n.id, n.id)
+
+
+def _makes_list(value: gast.AST) -> bool:
+    callee = getattr(value, "pg_callee", None)
+    return isinstance(value, gast.List) or (
+        callee is not None and (callee.label == "concat" or callee.obj is list))
+
+
+def _binds_as_is(stmt: gast.AST) -> bool:
+    """``y = x`` (or ``y = [x, z]``) runs no torch op: under no_grad y is still x, with x's
+    gradient, so the statement keeps its data flow."""
+    return isinstance(stmt, gast.Assign) and isinstance(
+        stmt.value, (gast.Name, gast.List, gast.Tuple, gast.Dict))
 
 
 def _lambda_to_def(fname: str, lam: gast.Lambda) -> gast.FunctionDef:

@@ -98,17 +98,25 @@ def relu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:
     """Sum ``g`` down to ``x``'s shape, undoing broadcasting, in ``x``'s dtype and device.
 
-    A Python number ``x`` was broadcast to every element: its gradient is ``g.sum()``.
+    A Python number ``x`` was broadcast to every element: its gradient is ``g.sum()`` (or
+    ``g`` itself, when the result was a Python number too: ``i * 2.0`` of a loop counter).
     """
     if not isinstance(x, (torch.Tensor, TensorMeta)):
-        return g.sum()
+        return g.sum() if isinstance(g, torch.Tensor) else g
     if g.shape != x.shape:
         g = g.sum_to_size(x.shape)
     return like(g, x)
 
 
-def unbroadcast_each(g: torch.Tensor, xs: Any) -> list:
-    """``unbroadcast(g, x)`` for each ``x`` of a list (the terms of a builtin ``sum``)."""
+def unbroadcast_each(g: torch.Tensor, xs: Any) -> Any:
+    """``unbroadcast(g, x)`` for each ``x`` of a list (the terms of a builtin ``sum``).
+
+    Over a tensor the terms are its rows, which all get the same gradient: a tensor of
+    ``xs``'s shape, not a list.
+    """
+    if isinstance(xs, (torch.Tensor, TensorMeta)):
+        row = g.sum_to_size(xs.shape[1:]) if g.shape != xs.shape[1:] else g
+        return like(row.expand(xs.shape), xs)
     return [unbroadcast(g, x) for x in xs]
 
 
@@ -230,6 +238,14 @@ def picked_grad(g: Any, result: Any, args: tuple) -> list:
 
     With a single iterable argument the entry is itself a list over the iterable's elements.
     """
+    if len(args) == 1 and isinstance(args[0], torch.Tensor):
+        # over a tensor's rows: the first row equal to the result is the one returned
+        xs = args[0]
+        same = (xs == result).reshape(len(xs), -1).all(1)
+        grad = torch.zeros_like(xs)
+        if bool(same.any()):
+            grad[int(same.int().argmax())] = g
+        return [grad]
     if len(args) == 1:
         return [[g if e is result else None for e in args[0]]]
     return [g if a is result else None for a in args]

@@ -481,6 +481,13 @@ def sum(result, input, dim=None, keepdim=False, dtype=None):
     d[input] = expand_reduced(d[result], input, dim, keepdim)
 
 
+@adjoint(operator.concat)
+def concat(result, a, b):
+    """a + b of two lists: each list gets its own part of the joined list's gradient."""
+    d[a] = d[result][:len(a)]
+    d[b] = d[result][len(a):]
+
+
 @adjoint(builtins.sum)
 def builtin_sum(result, iterable, start=0):
     """sum([a, b, ...], start) = start + a + b + ...: each term gets the (unbroadcast) gradient."""

@@ -416,6 +416,12 @@ def sum(result, input, dim=None, keepdim=False, dtype=None):
                  else torch.sum(t[input], dtype=dtype))
 
 
+@tangent(ops.concat)
+def concat(result, a, b):
+    """a + b of two lists: the tangents' lists joined the same way."""
+    t[result] = list(t[a]) + list(t[b])
+
+
 @tangent(ops.builtin_sum)
 def builtin_sum(result, iterable, start=0):
     """sum([a, b, ...], start) = start + a + b + ...: the sum of the terms' tangents."""

@@ -12,18 +12,12 @@ _PROP = "tests/test_property_regressions.py::"
 
 OPEN_BUGS: dict[str, str] = {
     # wrong gradients (the worst kind)
-    _FUZZ + "test_method_called_through_getattr": "getattr(x, 'cos')() gives zeros",
-    _FUZZ + "test_no_grad_block_keeps_gradient_of_values_it_does_not_compute[alias]":
-        "y = x under no_grad cuts x's gradient",
     _FUZZ + "test_no_grad_block_keeps_gradient_of_values_it_does_not_compute[in-place]":
         "an in-place update under no_grad drops the value's own gradient",
     _FUZZ + "test_augmented_assignment_updates_the_tensor_in_place[alias]":
         "y -= c is compiled as y = y - c: aliases of y keep the old value",
     _FUZZ + "test_augmented_assignment_updates_the_tensor_in_place[rows]":
         "row += c on a loop row does not update the tensor it views",
-    _FUZZ + "test_augmented_concatenation_of_a_list": "list += [t] on a list carrying gradients",
-    _FUZZ + "test_builtin_reduction_over_a_tensor[max]": "builtin max over a tensor's rows",
-    _FUZZ + "test_builtin_reduction_over_a_tensor[sum]": "builtin sum over a tensor's rows",
     _PROP + "test_linear_with_a_1d_weight[input]": "F.linear with a 1-d weight (adjoint shape)",
     _PROP + "test_linear_with_a_1d_weight[weight]": "F.linear with a 1-d weight (adjoint shape)",
     _PROP + "test_kl_div_input_broadcast_against_target":
@@ -52,8 +46,6 @@ OPEN_BUGS: dict[str, str] = {
     _FUZZ + "test_forward_mode_argument_rebound_through_a_container[dict]":
         "forward mode: x = {'a': x}['a'] then x * 2 loses the tangent",
     # errors that are not the documented ones
-    _FUZZ + "test_float_result_from_an_enumerate_counter":
-        "return i * 2.0 from an enumerate loop: AttributeError in unbroadcast",
     _FUZZ + "test_unbound_local_is_a_name_error":
         "an unbound local reads None in the generated forward (TypeError, not NameError)",
     _FUZZ + "test_nested_function_used_as_a_value_inside_another":

@@ -452,3 +452,70 @@ def test_forward_mode_tangent_keeps_dtype_next_to_integer_tensor():
     x, t = rn(3, 4), rn(3, 4, seed=1)
     got = propgen.autodiff(plus_sort_indices, mode="forward")(x, tangents=t)
     torch.testing.assert_close(got, torch_jvp(plus_sort_indices, x, t), **TIGHT)
+
+
+# --------------------------------------------------------------------------------------------
+# Families of the bugs above (lists joined and extended, builtins over tensors, getattr)
+# --------------------------------------------------------------------------------------------
+
+
+def list_joined_in_front(x):
+    parts = [x * 1.0, x * 2.0]
+    both = [x * 3.0] + parts
+    return torch.stack(both).sum() + (both[0] * both[1]).sum()
+
+
+def list_joined_with_a_comprehension(x):
+    parts = [x * 1.0, x.sin()]
+    both = parts + [t * t for t in parts]
+    return (both[3] * both[0]).sum()
+
+
+def list_extended_with_another(x):
+    parts = [x * 1.0]
+    more = [x.cos(), x * x]
+    parts += more
+    return (parts[0] * parts[2] + parts[1]).sum()
+
+
+def builtin_sum_over_matrix_rows(x):
+    return (sum(x) * torch.arange(3.0, dtype=x.dtype)).sum()
+
+
+def builtin_max_with_a_tie(x):
+    return max(x * 0.0 + torch.tensor([1.0, 3.0, 3.0], dtype=x.dtype)) * x[2]
+
+
+def attribute_through_getattr(x):
+    n = getattr(x, "shape")[0]  # noqa: B009
+    return getattr(torch, "tanh")(x).sum() * n  # noqa: B009
+
+
+FAMILY = [list_joined_in_front, list_joined_with_a_comprehension, list_extended_with_another,
+          builtin_sum_over_matrix_rows, builtin_max_with_a_tie, attribute_through_getattr]
+
+
+@pytest.mark.parametrize("fn", FAMILY, ids=[f.__name__ for f in FAMILY])
+def test_family_matches_autograd(fn):
+    """Reverse and forward mode agree with torch on variants of the bugs above."""
+    x = rn(4, 3) if fn is builtin_sum_over_matrix_rows else rn(3)
+    grads, result = propgen.grad(fn, preserve_result=True)(x)
+    torch.testing.assert_close(result, fn(x.clone()), **TIGHT)
+    torch.testing.assert_close(grads, autograd_grad(fn, x), **TIGHT)
+    t = rn(*x.shape, seed=2)
+    jvp = propgen.autodiff(fn, mode="forward")(x, tangents=t)
+    torch.testing.assert_close(jvp, (autograd_grad(fn, x) * t).sum(), **TIGHT)
+
+
+def list_repeated(x):
+    parts = [x * 1.0]
+    both = parts * 2  # BUG
+    return torch.stack(both).sum()
+
+
+def test_repeating_a_list_is_refused():
+    """``parts * 2`` on a list was differentiated as a tensor product (gradient 3 where torch
+    has 2, silently); it is refused, naming the line."""
+    with pytest.raises(propgen.PropgenError) as info:
+        propgen.grad(list_repeated)(rn(3))
+    assert_refused_at(info.value, list_repeated)
