@@ -9,6 +9,7 @@ flow-insensitive over names, which is conservative for reassigned names and exac
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import gast
@@ -132,7 +133,8 @@ def _is_tensor_value(value: gast.AST, tensors: set) -> bool:
     if callee is not None and callee.kind == "nondiff" and callee.label in CONSTRUCTORS:
         return True
     if isinstance(value, (gast.BinOp, gast.UnaryOp)):  # (list + list is a list)
-        return callee is not None and callee.kind == "template" and callee.label != "concat"
+        return (callee is not None and callee.kind == "template"
+                and callee.obj is not operator.concat)
     if isinstance(value, gast.Attribute):
         return callee is not None and callee.kind == "template"
     if isinstance(value, gast.Subscript):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from propgen import runtime
+from propgen.aliases import check_aliases
 from propgen.analyse import analyse
 from propgen.emit import emit_module
 from propgen.fence import check
@@ -76,6 +77,7 @@ def compile_reverse(fn: Callable, wrt: tuple[int, ...], registry: Registry,
             ctx.leaves.append((p, v))
     leaves = [name for name, _ in ctx.leaves]
     act = analyse(params, body, wrt_names + leaves, body[-1].value)
+    check_aliases(params, body, act)
     rev = Reverse(ctx, pf.name, params, body, wrt_names, act, leaves)
     fwd_name = ctx.fresh(f"{pf.name}_forward")
     bwd_name = ctx.fresh(f"{pf.name}_backward")

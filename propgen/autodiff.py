@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from propgen import runtime, runtime_forward
+from propgen.aliases import check_aliases
 from propgen.analyse import analyse
 from propgen.api import (
     Compiled,
@@ -51,6 +52,7 @@ def compile_forward(fn: Callable, wrt: tuple[int, ...], registry: Registry) -> C
     wrt = resolve_wrt("propgen.autodiff", pf.name, params, wrt)
     wrt_names = [params[i] for i in wrt]
     act = analyse(params, body, wrt_names, body[-1].value)
+    check_aliases(params, body, act)
     fwd = Forward(ctx, pf.name, params, body, wrt_names, act)
     name = ctx.fresh(f"{pf.name}_jvp")
     fdef = fwd.build(name)

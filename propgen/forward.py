@@ -4,7 +4,10 @@ Each statement is followed by its tangent statement, spliced from the op's tange
 (``templates/tangents.py``) with the call's atoms, so the generated function computes the
 primal values and their tangents side by side: no tape, no stack.  Loops and branches keep
 their structure.  Calls with no tangent template go through ``torch.func.jvp``
-(``runtime.opaque_jvp``), the forward-mode twin of reverse mode's ``opaque_vjp``.
+(``runtime.opaque_jvp``), the forward-mode twin of reverse mode's ``opaque_vjp``.  An
+in-place update (``y.exp_()``, ``torch.relu_(y)``, ``F.relu(y, inplace=True)``) gives y the
+tangent of the op's out-of-place form, read from a copy of y's old value where it needs one;
+``propgen/aliases.py`` refuses beforehand the in-place methods another live name would see.
 
 Tangent variables are tracked like reverse mode's gradients: one that surely holds a value is
 read as is, one that may be None (a branch assigned it on one side only, or it came out of a
@@ -20,10 +23,11 @@ from typing import Any
 import gast
 
 from propgen import ir, runtime_forward
+from propgen.aliases import KEEPS, Update, in_place_update
 from propgen.analyse import Activity
 from propgen.errors import UnsupportedSyntaxError
 from propgen.normalize import Callee, Context
-from propgen.template import Template, is_template_object
+from propgen.template import NONDIFF, Template, is_template_object
 from propgen.transform import (
     Comment,
     Names,
@@ -42,6 +46,7 @@ _RESULT = object()
 _MIRRORED = {"append", "extend", "pop", "insert", "clear", "reverse"}
 # Dict methods that read: their tangent reads the tangent dict (runtime.view_tangent).
 _DICT_READS = {"values", "items", "get", "keys"}
+# In-place tensor methods that overwrite the tensor with values that do not vary.
 
 
 class _Zero(gast.expr):
@@ -158,7 +163,7 @@ class Forward(Names):
                 return head + [ir.clone(s)] + self.store(s, state)
             return head + self.assign(s, state)
         if isinstance(s, gast.Expr):
-            return head + [ir.clone(s)] + self.effect(s, state)
+            return head + self.effect(s, state)
         if isinstance(s, gast.If):
             s_body, s_else = dict(state), dict(state)
             body = self.block(s.body, s_body)
@@ -216,7 +221,11 @@ class Forward(Names):
         if callee is not None and callee.kind == "container":
             # x = items.pop() changes the list: its tangent list changes alike, even when x
             # itself needs no tangent, or the two lists would go out of step
-            return primal + self.container(s, callee, state, t)
+            return self.container(s, callee, state, t)
+        self.check_out(s)
+        update = in_place_update(value, callee)
+        if update is not None:
+            return self.in_place(s, update, state, t)
         if t not in self.act.active or getattr(s, "pg_nograd", False):
             return primal + self.clear(t, state)
         if isinstance(value, gast.Name):
@@ -232,7 +241,7 @@ class Forward(Names):
             else:
                 mirror = type(value)(elts=parts, ctx=gast.Load())
             return primal + self.set(t, mirror, state)
-        if callee is None or callee.kind in ("nondiff", "inplace"):
+        if callee is None or callee.kind == "nondiff":
             return primal + self.clear(t, state)
         if (isinstance(value, gast.Call) and isinstance(value.func, gast.Attribute)
                 and value.func.attr in _DICT_READS and isinstance(value.func.value, gast.Name)
@@ -266,32 +275,103 @@ class Forward(Names):
         return self.set(buf.id, call, state)
 
     def effect(self, s: gast.Expr, state: dict) -> list:
+        """A call for its effect: the call, and the same change to the tangents it affects."""
+        callee: Callee | None = getattr(s.value, "pg_callee", None)
+        if callee is not None and callee.kind == "container":
+            return self.container(s, callee, state, None)
+        self.check_out(s)
+        update = in_place_update(s.value, callee)
+        if update is not None:
+            return self.in_place(s, update, state, None)
+        return [ir.clone(s)]
+
+    def check_out(self, s: gast.AST) -> None:
+        """``torch.op(..., out=y)`` with a value that carries a tangent: refused, as
+        torch.autograd refuses to differentiate out= calls."""
         call = s.value
-        callee: Callee | None = getattr(call, "pg_callee", None)
-        if callee is None or callee.kind != "container":
-            return []
-        recv = call.func.value
-        if not (isinstance(recv, gast.Name) and self.active(recv)):
-            return []
-        return self.container(s, callee, state, None)
+        if getattr(s, "pg_nograd", False) or not isinstance(call, gast.Call):
+            return
+        if not any(k.arg == "out" for k in call.keywords):
+            return
+        args, keywords = _call_operands(call)
+        if any(isinstance(a, gast.Name) and a.id in self.act.varied
+               for a in args + [k.value for k in keywords]):
+            self.fail(s, "forward mode through a call that writes its result into out=",
+                      "assign the result instead: y = torch.add(a, b) for "
+                      "torch.add(a, b, out=y)")
+
+    def in_place(self, s: gast.AST, update: Update, state: dict, t: str | None) -> list:
+        """``y.op_(...)``, ``torch.op_(y, ...)`` or ``F.op(y, ..., inplace=True)`` (or
+        ``z = `` one of them): the call, then y's tangent becomes the tangent of the op's
+        out-of-place form, and z shares it.  Under no_grad the update is not differentiated:
+        y keeps its tangent."""
+        recv = update.tensor
+        args, keywords = _call_operands(s.value)
+        if getattr(s, "pg_nograd", False) or not isinstance(recv, gast.Name):
+            return [ir.clone(s)] + (self.clear(t, state) if t else [])
+        others = [a for a in args[1:] + [k.value for k in keywords] if isinstance(a, gast.Name)]
+        varied = [a for a in others if a.id in self.act.varied]
+        if varied and (recv.id not in self.act.varied
+                       or (self.active(recv) and not all(self.active(a) for a in varied))):
+            # the analysis follows values through assignments only: a tangent that reaches
+            # the result through an in-place update alone was not computed
+            self.fail(s, f"forward mode through the in-place {update.name}() with an argument "
+                      "that carries a tangent",
+                      "write the out-of-place form (x = x.add(y) for x.add_(y), x = y.clone() "
+                      "for x.copy_(y)), which propgen follows")
+        if self.active(recv) and any(state.get(a.id) is not None
+                                     for a in [recv] + others if self.active(a)):
+            out = self.in_place_tangent(s, update, args, keywords, state)
+        else:
+            out = [ir.clone(s)]  # no tangent moves: y's stays as it is
+        if t is None or t == recv.id:
+            return out
+        if t in self.act.active and self.active(recv) and state.get(recv.id) is not None:
+            return out + self.set(t, self.raw(recv, state), state, state[recv.id] == MAYBE)
+        return out + self.clear(t, state)
+
+    def in_place_tangent(self, s: gast.AST, update: Update, args: list, keywords: list,
+                         state: dict) -> list:
+        """The call updating y in place and y's new tangent: from the tangent template of
+        the op's out-of-place form, or through torch.func.jvp (``in_place_jvp``), which also
+        makes the update."""
+        recv = update.tensor
+        tmpl = self.ctx.registry.lookup_tangent(update.twin)
+        if tmpl is not None:
+            return self.template(s, recv.id, tmpl, args, keywords, state, in_place=True)
+        if update.name in KEEPS:
+            return [ir.clone(s)]
+        if update.fills or self.ctx.registry.lookup(update.twin) == NONDIFF:
+            return [ir.clone(s)] + self.clear(recv.id, state)  # floor_, sign_: no tangent
+        call = self.jvp_call("in_place_jvp", self.callable(s.value), args, keywords, state)
+        unpack = gast.Tuple(elts=[ir.name(recv.id, True), ir.name(self.tname(recv.id), True)],
+                            ctx=gast.Store())
+        stmts = [ir.assign(unpack, call, like=s)]
+        if isinstance(s, gast.Assign) and s.targets[0].id != recv.id:  # z = y.op_(...): z is y
+            stmts.append(ir.assign(s.targets[0].id, ir.name(recv.id)))
+        state[recv.id] = MAYBE
+        self.maybe_vars.add(recv.id)
+        return stmts
 
     def container(self, s: gast.AST, callee: Callee, state: dict, t: str | None) -> list:
-        """A list method on a list that holds tangents: the same call on the tangent list."""
+        """A list method on a list that holds tangents: the call, then the same call on the
+        tangent list."""
         call = s.value
         recv = call.func.value
+        primal = [ir.clone(s)]
         if not (isinstance(recv, gast.Name) and self.active(recv)):
-            return self.clear(t, state) if t else []
+            return primal + (self.clear(t, state) if t else [])
         if t is not None and callee.label not in ("pop",):  # a reading method: x = d.get(k)
             if t not in self.act.active:
-                return self.clear(t, state)
+                return primal + self.clear(t, state)
         if callee.label not in _MIRRORED:
             self.fail(s, f"the method {callee.label}() on a container holding tangents",
                       "index the container, or build a new one (append, extend, pop, insert "
                       "are supported)")
-        if state.get(recv.id) is None:  # the list holds no tangent yet: start its mirror
-            pre = self.set(recv.id, _call(self.rt("zero_tangents"), ir.clone(recv)), state)
-        else:
-            pre = []
+        pre = primal
+        if state.get(recv.id) is None:  # the list holds no tangent yet: its mirror starts from
+            # the items the list holds before the call
+            pre = self.set(recv.id, _call(self.rt("zero_tangents"), ir.clone(recv)), state) + pre
         args = list(call.args)
         if callee.label in ("append", "insert") and args:
             args[-1] = self.raw(args[-1], state)
@@ -304,19 +384,20 @@ class Forward(Names):
                                         ctx=gast.Load()), *args)
         if t is None or t not in self.act.active:
             return pre + [gast.Expr(value=mirrored)] + (self.clear(t, state) if t else [])
-        # the primal statement (x = lst.pop()) is emitted by the caller before this
         return pre + self.set(t, mirrored, state, maybe=True)
 
     # -------------------------------------------------------------- templates
-    def template(self, s: gast.Assign, t: str, tmpl: Template, args: list, keywords: list,
-                 state: dict) -> list:
+    def template(self, s: gast.AST, t: str, tmpl: Template, args: list, keywords: list,
+                 state: dict, in_place: bool = False) -> list:
+        """``t = f(...)``, then t's tangent from f's tangent template.  ``in_place``: the call
+        (``t.op_(...)``) updates t in place, so the old value the tangent reads is a copy."""
         mapping = bind_template(self, s, tmpl, args, keywords)
         arg_names = {n.id for v in mapping.values() for n in ir.walk(v)
                      if isinstance(n, gast.Name)}
         pre: list = []
         if t in arg_names:  # x = f(x): the tangent reads the old x, the primal overwrites it
             old = self.temp(("old", id(s)), f"{t}_in")
-            pre.append(ir.assign(old, ir.name(t)))
+            pre.append(ir.assign(old, _clone_of(ir.name(t)) if in_place else ir.name(t)))
             mapping = {k: _rename(v, t, old) for k, v in mapping.items()}
             if state.get(t) is not None:
                 state[old] = state[t]
@@ -391,24 +472,35 @@ class Forward(Names):
         if not any(self.active(a) and state.get(a.id) is not None for a in operands):
             return [ir.clone(s)] + self.clear(t, state)
         if isinstance(value, gast.Call):
-            func = ir.clone(value.func)
-            if isinstance(func, gast.Attribute) and not getattr(func, "pg_static", False):
-                func = _call(self.rt("method_of"), ir.const(func.attr))  # receiver is args[0]
+            func = self.callable(value)
         else:  # an operator or attribute read without a tangent template
             func = _call(self.rt("operation_of"), ir.const(type(value).__name__),
                          ir.const(_op_name(value)))
+        unpack = gast.Tuple(elts=[ir.name(t, True), ir.name(self.tname(t), True)],
+                            ctx=gast.Store())
+        call = self.jvp_call("opaque_jvp", func, args, keywords, state)
+        state[t] = MAYBE
+        self.maybe_vars.add(t)
+        return [ir.assign(unpack, call, like=s)]
+
+    def callable(self, call: gast.Call) -> gast.AST:
+        """The function a call calls, with a method's receiver as its first argument."""
+        func = ir.clone(call.func)
+        if isinstance(func, gast.Attribute) and not getattr(func, "pg_static", False):
+            return _call(self.rt("method_of"), ir.const(func.attr))
+        return func
+
+    def jvp_call(self, helper: str, func: gast.AST, args: list, keywords: list,
+                 state: dict) -> gast.Call:
+        """``helper(func, args, kwargs, tangents, tangent_kwargs)``: a runtime helper that
+        differentiates the call through torch.func.jvp."""
         prim = gast.Tuple(elts=[ir.clone(a) for a in args], ctx=gast.Load())
         tans = gast.Tuple(elts=[self.raw(a, state) for a in args], ctx=gast.Load())
         kw = gast.Dict(keys=[ir.const(k.arg) for k in keywords],
                        values=[ir.clone(k.value) for k in keywords])
         tkw = gast.Dict(keys=[ir.const(k.arg) for k in keywords],
                         values=[self.raw(k.value, state) for k in keywords])
-        unpack = gast.Tuple(elts=[ir.name(t, True), ir.name(self.tname(t), True)],
-                            ctx=gast.Store())
-        call = _call(self.rt("opaque_jvp"), func, prim, kw, tans, tkw)
-        state[t] = MAYBE
-        self.maybe_vars.add(t)
-        return [ir.assign(unpack, call, like=s)]
+        return _call(self.rt(helper), func, prim, kw, tans, tkw)
 
     # --------------------------------------------------------------- function
     def build(self, fname: str) -> gast.FunctionDef:
@@ -422,6 +514,10 @@ class Forward(Names):
         inits = [ir.assign(t, ir.const(None))
                  for t in sorted({self.tname(n) for n in self.maybe_vars} - given)]
         return _fdef(fname, self.params + self.tangent_params, inits + body, self.ctx)
+
+
+def _clone_of(node: gast.AST) -> gast.Call:
+    return _call(gast.Attribute(value=ir.clone(node), attr="clone", ctx=gast.Load()))
 
 
 def _op_name(value: gast.AST) -> str:

@@ -29,6 +29,7 @@ from propgen.fence import check
 from propgen.nodes import expand_node, manager_of
 from propgen.parse import MISSING, ParsedFunction, Scope, parse_function
 from propgen.template import NONDIFF, Registry, Template
+from propgen.templates.helpers import update_under_no_grad
 
 __all__ = ["Callee", "Context", "Normalizer", "normalize"]
 
@@ -357,13 +358,13 @@ class Normalizer:
         return ir.name(t)
 
     def name_load(self, e: gast.Name) -> gast.AST:
+        if self._local_func_owner(e.id) is not None:  # (of this function or an enclosing one)
+            self.fail(
+                e,
+                f"using the nested function {e.id!r} as a value",
+                "call nested functions and lambdas directly; pass data, not functions",
+            )
         if self.is_local(e.id):
-            if e.id in self.local_funcs:
-                self.fail(
-                    e,
-                    f"using the nested function {e.id!r} as a value",
-                    "call nested functions and lambdas directly; pass data, not functions",
-                )
             return self.local(e.id)
         return self.free_name(e.id, e)
 
@@ -920,10 +921,29 @@ class Normalizer:
             self.stmt(gast.copy_location(gast.Expr(value=gast.copy_location(extend, s)), s),
                       keep_cur=True)
             return
+        if isinstance(t, gast.Name) and self.nograd and self.is_local(t.id):
+            # under no_grad the update changes the value but not the gradient's path
+            load = gast.copy_location(gast.Name(id=t.id, ctx=gast.Load(), annotation=None,
+                                                type_comment=None), t)
+            rhs = self.expr(gast.BinOp(left=load, op=s.op, right=s.value), self.rename[t.id])
+            new = self.ctx.fresh(f"{self.rename[t.id]}_{BINOPS[type(s.op)][1]}")
+            self.emit(ir.assign(new, rhs))
+            fn = update_under_no_grad
+            call = gast.Call(func=ir.name(self.ctx.bind("value", None, fn.__name__, fn,
+                                                       fn.__name__)),
+                             args=[self.local(t.id), ir.name(new)], keywords=[])
+            call.pg_callee = self.classify(fn, fn.__name__)
+            self.nograd = False
+            self.emit(ir.assign(self.local(t.id, store=True), call))
+            self.nograd = True
+            self.out[-1].pg_inplace = True  # for the alias check (propgen/aliases.py)
+            return
         if isinstance(t, gast.Name):
             load = gast.Name(id=t.id, ctx=gast.Load(), annotation=None, type_comment=None)
             gast.copy_location(load, t)
             self.assign_to(t, gast.BinOp(left=load, op=s.op, right=s.value))
+            if self.out and isinstance(self.out[-1], gast.Assign):
+                self.out[-1].pg_inplace = True  # for the alias check (propgen/aliases.py)
         elif isinstance(t, gast.Subscript):
             base = self.atom(t.value, "buffer")
             index = self.index(t.slice, f"{_hint_of(t)}_index")
@@ -1145,7 +1165,7 @@ def _add_stored(body: list, rename: dict[str, str]) -> None:
 def _makes_list(value: gast.AST) -> bool:
     callee = getattr(value, "pg_callee", None)
     return isinstance(value, gast.List) or (
-        callee is not None and (callee.label == "concat" or callee.obj is list))
+        callee is not None and (callee.obj is operator.concat or callee.obj is list))
 
 
 def _binds_as_is(stmt: gast.AST) -> bool:

@@ -1,4 +1,4 @@
-"""Stage 6, optimize: remove dead gradient resets.
+"""Stage 6, optimize: remove dead gradient resets (and self-assignments).
 
 The transform resets a gradient variable (``d_h = None``) wherever the variable's old value
 must not leak into the next use; most resets are overwritten before anything reads them.
@@ -28,6 +28,9 @@ def _is_reset(s: gast.AST, names: set) -> bool:
 def _block(stmts: list, live: set, names: set) -> tuple[list, set]:
     out: list = []
     for s in reversed(stmts):
+        if (isinstance(s, gast.Assign) and isinstance(s.targets[0], gast.Name)
+                and isinstance(s.value, gast.Name) and s.value.id == s.targets[0].id):
+            continue  # d_h = d_h: a gradient passed on unchanged (an update under no_grad)
         if _is_reset(s, names):
             if s.targets[0].id not in live:
                 continue

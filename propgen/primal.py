@@ -304,6 +304,8 @@ def build(rev: Reverse, fwd_name: str, bwd_name: str) -> tuple[gast.FunctionDef,
             prim.pre_init.append(n)
     stack_used = prim.pushes
     head = [ir.assign(n, ir.const(None)) for n in prim.pre_init]
+    fwd_code = _guard_unbound(fwd_code + [gast.Return(value=ir.clone(ret_atom))],
+                              set(prim.pre_init), set(rev.params), rev)[:-1]
     if stack_used:
         head.append(ir.assign(rev.stack, gast.List(elts=[], ctx=gast.Load())))
         saved.append(rev.stack)
@@ -387,6 +389,34 @@ def _loads_outside_own_loops(code: list, loop_vars: set) -> list[str]:
         for n in names:
             if n not in out and n not in loop_vars:
                 out.append(n)
+    return out
+
+
+def _guard_unbound(code: list, started: set, bound: set, rev: Reverse) -> list:
+    """Check reads of the locals the forward starts at None (``started``) where they may be
+    unassigned on the way there: Python raises UnboundLocalError, and so must the generated
+    code, instead of computing with None.  ``bound`` holds the names assigned on every path."""
+    out: list = []
+    for s in code:
+        if isinstance(s, gast.If):
+            b1, b2 = set(bound), set(bound)
+            s.body = _guard_unbound(s.body, started, b1, rev)
+            s.orelse = _guard_unbound(s.orelse, started, b2, rev)
+            bound |= b1 & b2
+        elif isinstance(s, (gast.For, gast.While)):
+            inner = set(bound) | set(ir.names_in(getattr(s, "target", None), gast.Store))
+            s.body = _guard_unbound(s.body, started, inner, rev)
+        else:
+            loc = getattr(s, "pg_loc", None)
+            if loc is not None or isinstance(s, gast.Return):
+                for n in ir.names_in(s):
+                    if n in started and n not in bound:
+                        where = loc.short if loc is not None else "the return"
+                        out.append(gast.Expr(value=gast.Call(
+                            func=rev.rt("check_bound"),
+                            args=[ir.name(n), ir.const(n), ir.const(where)], keywords=[])))
+            bound |= set(ir.names_in(s, gast.Store))
+        out.append(s)
     return out
 
 

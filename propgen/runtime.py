@@ -23,6 +23,7 @@ __all__ = [
     "store_grad_value",
     "store_grad_buffer",
     "check_scalar",
+    "check_bound",
     "pop_adjoint",
     "save_slot",
     "restore_slot",
@@ -314,6 +315,15 @@ def store_grad_buffer(d_buffer: Any, index: Any) -> Any:
     out = d_buffer.clone()
     out[index] = 0
     return out
+
+
+def check_bound(value: Any, name: str, where: str) -> None:
+    """Python's UnboundLocalError for a local read on a path that never assigned it (the
+    generated forward starts such a local at None, so that it can be saved either way)."""
+    if value is None:
+        raise UnboundLocalError(
+            f"cannot access local variable {name!r} where it is not associated with a value "
+            f"(at {where})")
 
 
 def check_scalar(value: Any, fn_name: str) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "method_of",
     "operation_of",
     "opaque_jvp",
+    "in_place_jvp",
     "ones_seed",
     "view_tangent",
     "item_tangent",
@@ -37,16 +38,20 @@ _VIEWS = (ItemsView, KeysView, ValuesView)
 
 
 def zeros_tangent(x: Any) -> Any:
-    """The zero tangent of ``x``: zeros of its shape for a floating tensor, 0.0 for a float,
-    the same structure for containers, None for what has no tangent (ints, shapes, None)."""
+    """The zero tangent of ``x``: zeros of its shape for a floating tensor, 0.0 for a number,
+    the same structure for containers, None for what has no tangent (shapes, None)."""
     if isinstance(x, torch.Tensor):
         if x.is_floating_point() or x.is_complex():
             return torch.zeros_like(x)
         # an integer or boolean tensor read where a template expects a tangent (a mask, the
         # indices of torch.max): a zero it can compute with
         return torch.zeros(x.shape, device=x.device)
-    if isinstance(x, (float, complex)) or (isinstance(x, int) and not isinstance(x, bool)):
-        return 0.0  # an int that "varies" (read from a varied container) is a constant
+    if isinstance(x, torch.Size):
+        return None
+    if isinstance(x, (float, complex, int)):
+        # an int or bool that "varies" (read from a varied container, or the start of an
+        # accumulator: acc = False, then acc = acc * x) is a constant
+        return 0.0
     if isinstance(x, tuple) and hasattr(x, "_fields"):  # named tuples (torch.max's result)
         return type(x)(*(zeros_tangent(e) for e in x))
     if isinstance(x, _VIEWS):
@@ -189,6 +194,22 @@ def opaque_jvp(fn: Callable, args: tuple, kwargs: dict, tangents: tuple,
             "register tangent templates (@propgen.tangent) for this call and the calls that use "
             "its result, or keep such objects inside a function of tensors to tensors",
         ) from None
+
+
+def in_place_jvp(fn: Callable, args: tuple, kwargs: dict, tangents: tuple,
+                 tangent_kwargs: dict) -> tuple:
+    """``fn(*args, **kwargs)``, a call that updates ``args[0]`` in place, made; returns
+    ``(args[0], its new tangent)``.  The call runs on a copy through torch.func.jvp (as
+    ``opaque_jvp``), and the tensor takes the copy's new values."""
+
+    def call(tensor: Any, *rest: Any, **kw: Any) -> Any:
+        return fn(tensor.clone(), *rest, **kw)
+
+    call.__name__ = getattr(fn, "__name__", "call")
+    value, tangent = opaque_jvp(call, args, kwargs, tangents, tangent_kwargs)
+    tensor = args[0]
+    tensor.copy_(value)
+    return tensor, tangent
 
 
 def _dense(t: Any) -> Any:

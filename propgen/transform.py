@@ -23,6 +23,7 @@ import gast
 import torch
 
 from propgen import ir, runtime
+from propgen.aliases import KEEPS, in_place_update
 from propgen.analyse import Activity, assigned_names, walk_statements
 from propgen.errors import UnsupportedSyntaxError
 from propgen.normalize import Callee, Context
@@ -172,17 +173,30 @@ class Reverse(Names):
         self._reject_inplace(body)
 
     def _reject_inplace(self, body: list) -> None:
-        """An in-place method on a value that carries gradient would make a wrong gradient."""
+        """An in-place update (``y.mul_(2)``, ``torch.relu_(y)``, ``F.relu(y, inplace=True)``)
+        of a value that carries gradient, or by one (``y.add_(x)``), would make a wrong
+        gradient: the templates differentiate values, not updates of them."""
         for s, _ in walk_statements(body):
             call = s.value if isinstance(s, (gast.Assign, gast.Expr)) else None
-            callee = getattr(call, "pg_callee", None)
-            if callee is None or callee.kind != "inplace":
+            update = in_place_update(call, getattr(call, "pg_callee", None))
+            if update is None or update.name in KEEPS:
                 continue
-            recv = call.func.value
-            if isinstance(recv, gast.Name) and recv.id in self.act.varied:
-                self.fail(s, f"the in-place tensor method {callee.label}() on a value that "
-                          "carries gradient",
-                          f"write the out-of-place form: x = x.{callee.label[:-1]}(...)")
+            operands = [update.tensor, *call.args, *(k.value for k in call.keywords)]
+            carried = list(dict.fromkeys(a.id for a in operands if isinstance(a, gast.Name)
+                                         and a.id in self.act.varied))
+            if getattr(s, "pg_nograd", False):  # only the updated value's own gradient matters
+                carried = [n for n in carried if n == getattr(update.tensor, "id", None)]
+            if carried:
+                y, op = getattr(update.tensor, "id", "x"), update.name.removesuffix("_")
+                if getattr(call.pg_callee, "kind", None) == "inplace":
+                    advice = f"write the out-of-place form: {y} = {y}.{op}(...)"
+                elif update.name.endswith("_"):
+                    advice = f"write the out-of-place form: {y} = {op}({y}, ...)"
+                else:
+                    advice = f"leave out inplace=True: {y} = {op}({y}, ...)"
+                how = ("which carries gradient" if carried == [y]
+                       else f"with gradient flowing through {', '.join(carried)}")
+                self.fail(s, f"the in-place update {update.name}() of {y}, {how}", advice)
 
     # ------------------------------------------------------------------ names
     def dname(self, n: str) -> str:

@@ -108,6 +108,12 @@ def unbroadcast(g: torch.Tensor, x: Any) -> torch.Tensor:
     return like(g, x)
 
 
+def update_under_no_grad(old: Any, new: Any) -> Any:
+    """``h *= 2`` inside ``torch.no_grad()``: the value becomes ``new`` while the gradient
+    still flows to ``old`` as if nothing happened (torch records no op for the update)."""
+    return new
+
+
 def unbroadcast_each(g: torch.Tensor, xs: Any) -> Any:
     """``unbroadcast(g, x)`` for each ``x`` of a list (the terms of a builtin ``sum``).
 
@@ -691,11 +697,20 @@ def embedding_grad(g, input, weight, padding_idx, scale_grad_by_freq):
 
 
 def expand_like(tangent: Any, result: Any) -> Any:
-    """A tangent given the result's shape: in ``x + y`` with only a smaller ``y`` varying, the
-    tangent ``t[y]`` broadcasts up to the result (tangents always have their value's shape)."""
-    if (isinstance(tangent, torch.Tensor) and isinstance(result, torch.Tensor)
-            and tangent.shape != result.shape):
-        return tangent.expand(result.shape)
+    """A tangent given the result's shape and dtype (tangents always have their value's).
+
+    In ``x + y`` with only a smaller ``y`` varying, the tangent ``t[y]`` broadcasts up to the
+    result.  The dtype: an integer operand's zero tangent is a tensor of the default dtype,
+    which wins the type promotion against a 0-d float64 tangent although the result
+    (``x.sum() + indices``) is float64.  Templates that add tangents bring each to the
+    result's dtype first (``add``), so that the float64 one is never rounded to float32.
+    """
+    if isinstance(tangent, torch.Tensor) and isinstance(result, torch.Tensor):
+        if tangent.shape != result.shape:
+            tangent = tangent.expand(result.shape)
+        if tangent.dtype != result.dtype and (result.is_floating_point() or result.is_complex()):
+            tangent = tangent.to(result.dtype)
+        return tangent
     if isinstance(result, torch.Tensor) and not isinstance(tangent, torch.Tensor):
         return torch.full_like(result, tangent)
     return tangent

@@ -165,9 +165,17 @@ def log_softmax_f(result, input, dim=None, _stacklevel=3, dtype=None):
 
 @adjoint(F.linear)
 def linear(result, input, weight, bias=None):
-    """y = x W^T + b:  dx = dy W,  dW = dy^T x (summed over the batch),  db = sum of dy"""
-    d[input] = matmul_grad_input(d[result], input, weight.mT)
-    d[weight] = matmul_grad_other(d[result], input, weight.mT).mT
+    """y = x W^T + b:  dx = dy W,  dW = dy^T x (summed over the batch),  db = sum of dy.
+
+    torch also takes a 1-d weight w, one output whose dim y drops (and then no bias):
+    y = x w,  dx = dy w^T,  dw = x^T dy.  ``weight.t()`` is W^T and leaves a 1-d w as it is
+    (``.mT`` refuses one).  ``matmul_grad_other(g, a, W)`` is a^T g summed to W's shape:
+    dW = dy^T x is (g, a) = (x, dy), dw = x^T dy is (dy, x).  The weight's gradient stays one
+    matmul_grad_other call, the form TotalProp's per-sample contributions keep factored."""
+    matrix = weight.dim() == 2
+    d[input] = matmul_grad_input(d[result], input, weight.t())
+    d[weight] = matmul_grad_other(input if matrix else d[result],
+                                  d[result] if matrix else input, weight)
     d[bias] = unbroadcast(d[result], bias)
 
 
@@ -344,9 +352,16 @@ def nll_loss(
 def kl_div(
     result, input, target, size_average=None, reduce=None, reduction="mean", log_target=False
 ):
-    """loss = t (log t - x) (or e^t (t - x) with log_target):  dx = -t (or -e^t)."""
+    """loss = t (log t - x) (or e^t (t - x) with log_target):  dx = -t (or -e^t).
+
+    x and t broadcast against each other (torch allows it): the unreduced loss has their
+    broadcast shape, and each side's gradient is summed back to its own.  'mean' counts the
+    loss's elements, but 'batchmean' divides by x's first dim whatever t's shape, as F.kl_div
+    does (sum / input.size(0)): that scale is x-shaped, and broadcasts in the products."""
     mode = reduction_mode(size_average, reduce, reduction)
-    per = loss_scale(d[result], input, mode, None, False)
+    loss_shape = torch.broadcast_shapes(input.shape, target.shape)
+    counted = input if mode == "batchmean" else target.expand(loss_shape)  # a view: no copy
+    per = loss_scale(d[result], counted, mode, None, False)
     t = torch.exp(target) if log_target else target
-    d[input] = -t * per
-    d[target] = kl_div_target_grad(per, input, target, log_target)
+    d[input] = unbroadcast(-t * per, input)
+    d[target] = unbroadcast(kl_div_target_grad(per, input, target, log_target), target)

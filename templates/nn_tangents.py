@@ -336,11 +336,13 @@ def nll_loss(
 def kl_div(
     result, input, target, size_average=None, reduce=None, reduction="mean", log_target=False
 ):
-    """loss = t (log t - x) (or e^t (t - x) with log_target):  slope -t (or -e^t) for x."""
+    """loss = t (log t - x) (or e^t (t - x) with log_target):  slope -t (or -e^t) for x.
+    x and t broadcast against each other: the loss's tangent has their broadcast shape (see
+    the adjoint), and 'batchmean' divides its sum by x's first dim (``_reduce_kl_div``)."""
     mode = reduction_mode(size_average, reduce, reduction)
     p = torch.exp(target) if log_target else target
     slope_t = kl_div_target_grad(1.0, input, target, log_target)
-    t[result] = _reduce_loss(-p * t[input] + slope_t * t[target], input, mode, None, False)
+    t[result] = _reduce_kl_div(-p * t[input] + slope_t * t[target], input, target, mode)
 
 
 # ==========================================================================================
@@ -386,6 +388,18 @@ def _reduce_loss(t_loss: torch.Tensor, elementwise: torch.Tensor, reduction: str
     if reduction == "batchmean":
         return t_loss.sum() / (elementwise.shape[0] if elementwise.dim() else 1)
     return t_loss.sum()
+
+
+def _reduce_kl_div(t_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
+                   reduction: str) -> torch.Tensor:
+    """Reduce the tangent of kl_div's unreduced loss, which has the broadcast shape of input
+    and target: as ``_reduce_loss``, except that 'batchmean' divides the sum by input's first
+    dim whatever target's shape (F.kl_div's sum / input.size(0); no division for a 0-d
+    input)."""
+    t_loss = t_loss.expand(torch.broadcast_shapes(input.shape, target.shape))
+    if reduction == "batchmean":
+        return t_loss.sum() / (input.shape[0] if input.dim() else 1)
+    return _reduce_loss(t_loss, t_loss, reduction, None, False)
 
 
 def _class_dim(logits: torch.Tensor) -> int:

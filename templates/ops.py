@@ -53,6 +53,7 @@ from propgen.templates.helpers import (
     tanh_backward,
     unbroadcast,
     unbroadcast_each,
+    update_under_no_grad,
     var_correction,
     var_dim,
     vector_norm_grad,
@@ -479,6 +480,12 @@ def masked_fill(result, input, mask, value):
 def sum(result, input, dim=None, keepdim=False, dtype=None):
     """Every summed element gets the gradient of its sum."""
     d[input] = expand_reduced(d[result], input, dim, keepdim)
+
+
+@adjoint(update_under_no_grad)
+def update_under_no_grad(result, old, new):
+    """An in-place update under no_grad: invisible to the gradient, which goes to ``old``."""
+    d[old] = d[result]
 
 
 @adjoint(operator.concat)

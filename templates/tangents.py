@@ -5,8 +5,11 @@ signature, same callables.  ``t[x]`` is the tangent of ``x`` and the template as
 ``t[result]`` with an expression linear in the tangents it reads.  A tangent that is zero
 (an argument that does not vary) drops the terms it multiplies when the compiler splices the
 template, so ``t[result] = t[input] * other + input * t[other]`` costs one product when only
-``input`` varies.  Broadcasting ops return a tangent of the result's shape (``expand_like``),
-since the result of ``x + y`` has ``x``'s shape even when only a smaller ``y`` varies.
+``input`` varies.  Broadcasting ops return a tangent of the result's shape and dtype
+(``expand_like``), since the result of ``x + y`` has ``x``'s shape even when only a smaller
+``y`` varies.  Ops that select elements (max, clamp, maximum) pick the selected tangents with
+``torch.where`` (``_selected``), never ``tangent * mask``: an infinite tangent of an element
+that was not selected does not reach the result.
 
 Each tangent is the transpose of its adjoint, conventions at non-smooth points included
 (relu'(0) = 0, abs'(0) = 0, clamp passes the tangent at its bounds, tied maxima share it):
@@ -51,18 +54,21 @@ from propgen.template import t, tangent
 
 @tangent(ops.add)
 def add(result, input, other, alpha=1):
-    t[result] = expand_like(t[input] + t[other] * alpha, result)
+    """Each tangent in the result's shape and dtype before the sum (an integer operand's zero
+    tangent has the default dtype: summed first, it would round a 0-d float64 tangent)."""
+    t[result] = expand_like(t[input], result) + expand_like(t[other] * alpha, result)
 
 
 @tangent(ops.sub)
 def sub(result, input, other, alpha=1):
-    t[result] = expand_like(t[input] - t[other] * alpha, result)
+    """Each tangent in the result's shape and dtype first, as in ``add``."""
+    t[result] = expand_like(t[input], result) - expand_like(t[other] * alpha, result)
 
 
 @tangent(ops.rsub)
 def rsub(result, input, other, alpha=1):
-    """result = other - alpha * input"""
-    t[result] = expand_like(t[other] - t[input] * alpha, result)
+    """result = other - alpha * input (each tangent in the result's shape and dtype first)"""
+    t[result] = expand_like(t[other], result) - expand_like(t[input] * alpha, result)
 
 
 @tangent(ops.mul)
@@ -144,14 +150,14 @@ def minimum(result, input, other):
 def fmax(result, input, other):
     """Like maximum, but NaNs lose and a tie goes to input."""
     first = (input >= other) | other.isnan()
-    t[result] = expand_like(t[input] * first + t[other] * ~first, result)
+    t[result] = expand_like(_selected(t[input], first) + _selected(t[other], ~first), result)
 
 
 @tangent(ops.fmin)
 def fmin(result, input, other):
     """Like minimum, but NaNs lose and a tie goes to input."""
     first = (input <= other) | other.isnan()
-    t[result] = expand_like(t[input] * first + t[other] * ~first, result)
+    t[result] = expand_like(_selected(t[input], first) + _selected(t[other], ~first), result)
 
 
 @tangent(ops.lerp)
@@ -366,19 +372,21 @@ def frac(result, input):
 def clamp(result, input, min=None, max=None):
     """The input's tangent where min <= x <= max (bounds included), a tensor bound's where it
     is the output (the upper bound wins where min > max)."""
-    t[result] = expand_like(t[input] * clamp_pass(input, min, max)
-                            + t[min] * clamp_min_wins(input, min, max)
-                            + t[max] * clamp_max_wins(input, min, max), result)
+    t[result] = expand_like(_selected(t[input], clamp_pass(input, min, max))
+                            + _selected(t[min], clamp_min_wins(input, min, max))
+                            + _selected(t[max], clamp_max_wins(input, min, max)), result)
 
 
 @tangent(ops.clamp_min)
 def clamp_min(result, input, min):
-    t[result] = expand_like(t[input] * (input >= min) + t[min] * (input < min), result)
+    t[result] = expand_like(_selected(t[input], input >= min) + _selected(t[min], input < min),
+                            result)
 
 
 @tangent(ops.clamp_max)
 def clamp_max(result, input, max):
-    t[result] = expand_like(t[input] * (input <= max) + t[max] * (input > max), result)
+    t[result] = expand_like(_selected(t[input], input <= max) + _selected(t[max], input > max),
+                            result)
 
 
 @tangent(ops.relu)
@@ -389,14 +397,15 @@ def relu(result, input, inplace=False):
 
 @tangent(ops.where)
 def where(result, condition, input=None, other=None):
-    """Each position takes the tangent of the branch it was selected from."""
-    t[result] = torch.where(condition, t[input], t[other])
+    """Each position takes the tangent of the branch it was selected from (each in the
+    result's dtype first, as in ``add``: an integer branch's zero must not round the other)."""
+    t[result] = torch.where(condition, expand_like(t[input], result), expand_like(t[other], result))
 
 
 @tangent(ops.where_method)
 def where_method(result, input, condition, other):
     """x.where(condition, other)"""
-    t[result] = torch.where(condition, t[input], t[other])
+    t[result] = torch.where(condition, expand_like(t[input], result), expand_like(t[other], result))
 
 
 @tangent(ops.masked_fill)
@@ -414,6 +423,12 @@ def masked_fill(result, input, mask, value):
 def sum(result, input, dim=None, keepdim=False, dtype=None):
     t[result] = (torch.sum(t[input], dim, keepdim, dtype=dtype) if dim is not None
                  else torch.sum(t[input], dtype=dtype))
+
+
+@tangent(ops.update_under_no_grad)
+def update_under_no_grad(result, old, new):
+    """An in-place update under no_grad keeps the tangent the value had."""
+    t[result] = t[old]
 
 
 @tangent(ops.concat)
@@ -552,16 +567,29 @@ def _pow_slope_base(input, exponent):
 
 
 def _pow_slope_exponent(result, input, exponent):
-    """``d x**p / dp = x**p * log(x)``, and 0 where ``x == 0`` and ``p >= 0`` (torch)."""
+    """``d x**p / dp = x**p * log(x)``, and 0 where ``x == 0`` and ``p >= 0`` (torch).
+
+    An integer exponent tensor does not vary (its tangent is a stand-in zero): no slope, since
+    0 * log(x) would be NaN for x < 0."""
+    if isinstance(exponent, torch.Tensor) and not (exponent.is_floating_point()
+                                                   or exponent.is_complex()):
+        return torch.zeros_like(result)
     if isinstance(input, torch.Tensor):
         return torch.where((input == 0) & (exponent >= 0), 0.0, result * input.log())
     return result * math.log(input) if input != 0 else result * 0
 
 
+def _selected(tangent, mask):
+    """``tangent`` where ``mask`` selects its operand, 0 elsewhere: a where, not the product
+    ``tangent * mask``, so that the tangent of an element the op did not select never reaches
+    the result, even an infinite one (inf * 0 is NaN; the output does not depend on it)."""
+    return torch.where(mask, tangent, 0.0)
+
+
 def _share(tangent, wins, ties):
     """A maximum's (minimum's) tangent from one operand: all of it where the operand won,
-    half of it on ties (the other operand brings the other half)."""
-    return torch.where(ties, tangent * 0.5, tangent * wins)
+    half of it on ties (the other operand brings the other half), none where it lost."""
+    return torch.where(ties, tangent * 0.5, _selected(tangent, wins))
 
 
 def _sum_reduced(tangent, input, result, dim, keepdim):
@@ -578,7 +606,7 @@ def _tied_mean(tangent, input, result, dim, keepdim):
     reduction over ``dim`` (ties share, as in ``split_ties``)."""
     hit = input == expand_reduced(result, input, dim, keepdim)
     count = _sum_reduced(hit.to(result.dtype), input, result, dim, keepdim)
-    return _sum_reduced(tangent * hit, input, result, dim, keepdim) / count
+    return _sum_reduced(_selected(tangent, hit), input, result, dim, keepdim) / count
 
 
 def _picked(tangent, result, dim, keepdim):

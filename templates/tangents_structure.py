@@ -344,6 +344,11 @@ def _picked_tangent(tangents: tuple, result: Any, args: tuple) -> Any:
         tangents, args = tangents[0], args[0]
         if tangents is None:
             return zeros_tangent(result)
+        if isinstance(args, torch.Tensor):  # over a tensor's rows: the first equal row
+            same = (args == result).reshape(len(args), -1).all(1)
+            if not bool(same.any()):
+                return zeros_tangent(result)
+            return tangents[int(same.int().argmax())]
     for tan, arg in zip(tangents, args):
         if arg is result:
             return tangent_or_zeros(tan, arg)

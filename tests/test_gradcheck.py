@@ -71,6 +71,7 @@ NOT_SMOOTH = {
     "casts": "rounding to half and bfloat16",
     "activations": "kinks at 0",
     "activation_bounds": "values on the bounds",
+    "update_under_no_grad": "an update under no_grad changes the value, not the gradient",
     "embedding": "padding_idx and scale_grad_by_freq follow torch's conventions, not calculus",
 }
 # Language entries that read a tensor's value as a Python number (stop-gradient by design).

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from _template_eval import tape_keys, template_grad
 from propgen.templates import TEMPLATE_MODULES
+from propgen.templates.helpers import update_under_no_grad
 
 import propgen
 from propgen.template import Registry, Template
@@ -551,6 +552,35 @@ case(f_builtin_sum, lambda m: (m.randn(3, 4), m.randn(4), m.randn(3, 4)), (0, 1)
      (builtins.sum,))
 
 
+def f_builtin_sum_over_rows(x, w):
+    """sum(x) and max(x) iterate over x's rows (Python's own loop, not torch.sum)."""
+    return (sum(x) * w).sum() + max(x[:, 0]) * 2.0
+
+
+case(f_builtin_sum_over_rows, lambda m: (m.randn(3, 4), m.randn(4)), (0, 1),
+     (builtins.sum, builtins.max))
+
+
+def f_list_concat(x, y):
+    parts = [x, y * 2.0]
+    both = [x * y] + parts
+    return (torch.stack(both) ** 2).sum() + (both[0] * both[2]).sum()
+
+
+case(f_list_concat, lambda m: (m.randn(3), m.randn(3)), (0, 1), (operator.concat,))
+
+
+def f_update_under_no_grad(x, y):
+    h = x * y
+    with torch.no_grad():
+        h *= 2.0
+    return (h * x).sum()
+
+
+case(f_update_under_no_grad, lambda m: (m.randn(3), m.randn(3)), (0, 1),
+     (update_under_no_grad,))
+
+
 def f_mean(x, w, v):
     out = torch.mean(x) + (x.mean(1) * w).sum() + (torch.mean(x, (0, 2), keepdim=True) * v).sum()
     return out + x.mean(dim=-1).sum()
@@ -1037,6 +1067,17 @@ case(f_linear,
      (0, 1, 2, 3), (F.linear,))
 
 
+def f_linear_1d_weight(x, weight, v, u, w1):
+    """A 1-d weight is one output, which the result drops (torch takes no bias then): x w."""
+    out = (F.linear(x, weight) * w1).sum() + (F.linear(v, weight) ** 2).sum()
+    return out + F.linear(u, weight) * 2
+
+
+case(f_linear_1d_weight,
+     lambda m: (m.randn(3, 4), m.randn(4), m.randn(2, 3, 4), m.randn(4), m.randn(3)),
+     (0, 1, 2, 3), (F.linear,))
+
+
 def f_layer_norm(x, weight, bias, w):
     out = F.layer_norm(x, (4,), weight, bias) + F.layer_norm(x, [4]) * 2
     return (out * w).sum() + (F.layer_norm(x, (3, 4), eps=1e-3) * w).sum()
@@ -1172,6 +1213,34 @@ def f_kl_div(x, t, lt):
 
 
 case(f_kl_div, lambda m: (m.randn(3, 4), m.prob(3, 4), m.randn(3, 4)), (0, 1, 2), (F.kl_div,))
+
+
+def f_kl_div_broadcast(x, t, xr, lt, wt):
+    """Input and target broadcast against each other, either way or both: the loss has the
+    broadcast shape, and 'batchmean' divides by the input's first dim whatever the target's
+    (xr's 4, not t's 3)."""
+    out = F.kl_div(x, t, reduction="batchmean") + F.kl_div(x, t, reduction="mean")
+    out = out + (F.kl_div(x, t, reduction="none") * wt).sum()
+    out = out + F.kl_div(xr, t, reduction="batchmean") + F.kl_div(xr, t, reduction="sum")
+    out = out + F.kl_div(x, lt, reduction="mean", log_target=True)
+    out = out + F.kl_div(x, lt, reduction="batchmean", log_target=True)
+    return out + F.kl_div(t, lt, reduction="batchmean", log_target=True)
+
+
+case(f_kl_div_broadcast,
+     lambda m: (m.randn(3, 1), m.prob(3, 4), m.randn(4), m.randn(1, 4), m.randn(3, 4)),
+     (0, 1, 2, 3), (F.kl_div,))
+
+
+def f_regression_losses_broadcast(x, t, wt):
+    """Input (3, 1) against target (4,): each loss's gradient summed back to each shape."""
+    out = F.mse_loss(x, t) + F.l1_loss(x, t, reduction="sum") + F.smooth_l1_loss(x, t)
+    out = out + F.huber_loss(x, t, reduction="sum", delta=0.5)
+    return out + ((F.mse_loss(x, t, reduction="none") + F.huber_loss(x, t, "none")) * wt).sum()
+
+
+case(f_regression_losses_broadcast, lambda m: (m.randn(3, 1), m.randn(4), m.randn(3, 4)),
+     (0, 1), (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss))
 
 # ------------------------------------------------------------------------------------------
 # Non-differentiable ops mixed into a differentiable computation
@@ -1310,6 +1379,95 @@ def test_op_hvp(c: OpCase) -> None:
     _compare(got, want, c, torch.float64, "propgen.hvp")
 
 
+# ------------------------------------------------------------------------------------------
+# Forward mode where the table's random directions do not go
+# ------------------------------------------------------------------------------------------
+
+# Ops whose output selects among their inputs' elements, at x = [1, -1, 2, 3] where x[0] is
+# never selected (not an extremum, clamped, or beaten by the other operand).
+FAR = torch.tensor([5.0, -5.0, -5.0, -5.0], dtype=torch.float64)
+
+
+def sel_amax(x):
+    return x.amax()
+
+
+def sel_amin(x):
+    return torch.amin(x, 0)
+
+
+def sel_max(x):
+    return x.max() + torch.max(x, 0).values + torch.max(x, FAR) + x.max(other=FAR)
+
+
+def sel_min(x):
+    return x.min() + torch.min(x, 0).values + torch.min(x, -FAR) + x.min(other=-FAR)
+
+
+def sel_maximum_minimum(x):
+    return torch.maximum(x, FAR) + torch.minimum(-FAR, x) + torch.fmax(FAR, x) + x.fmin(-FAR)
+
+
+def sel_clamp(x):
+    return torch.clamp(x, -0.5, 0.5) + x.clamp_min(1.5) + torch.clamp_max(x, 0.5) + x.clamp(
+        -FAR, FAR.abs() - 4.5)
+
+
+SELECTIONS = [sel_amax, sel_amin, sel_max, sel_min, sel_maximum_minimum, sel_clamp]
+
+
+@pytest.mark.parametrize("fn", SELECTIONS, ids=lambda f: f.__name__.removeprefix("sel_"))
+def test_jvp_of_a_selection_ignores_what_it_does_not_select(fn) -> None:
+    """An infinite tangent at an element the op does not select leaves the output's tangent
+    finite: the templates pick the selected tangent (torch.where), not ``tangent * mask``,
+    which makes inf * 0 = NaN.  (torch.func.jvp itself gives NaN for some of them.)"""
+    x = torch.tensor([1.0, -1.0, 2.0, 3.0], dtype=torch.float64)
+    v = torch.tensor([float("inf"), 0.25, -1.0, 2.0], dtype=torch.float64)
+    want = torch.func.jvp(fn, (x,), (torch.where(v.isinf(), 0.0, v),))[1]
+    got = propgen.autodiff(fn, mode="forward")(x, tangents=v)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _indices(x):
+    _, indices = x.sort(dim=1)  # int64: its tangent, None, is read as zeros of the default dtype
+    return indices
+
+
+def int_add_sub(x):
+    s = x.sum()
+    out = s + _indices(x) - x.mean() + torch.sub(_indices(x), s, alpha=2)
+    return out + torch.rsub(s, _indices(x))
+
+
+def int_mul_div_pow(x):
+    s = x.sum()
+    return s * _indices(x) + s / (_indices(x) + 1) + s ** _indices(x)
+
+
+def int_where(x):
+    return torch.where(x > 0, x.sum(), _indices(x)) + x.sum().where(x < 0, _indices(x))
+
+
+def int_maximum(x):
+    return torch.maximum(x.sum(), _indices(x)) + torch.clamp(x.sum(), _indices(x), None)
+
+
+@pytest.mark.parametrize("fn", [int_add_sub, int_mul_div_pow, int_where, int_maximum],
+                         ids=lambda f: f.__name__.removeprefix("int_"))
+def test_jvp_next_to_an_integer_tensor_keeps_the_result_dtype(fn) -> None:
+    """A float64 0-d value meets an int64 tensor: the result is float64, and so is its tangent,
+    to float64 precision (the integer tensor's stand-in zero has the default dtype, float32:
+    combined first, it would round the other tangent), and finite (``s ** indices`` with
+    s < 0: the integer exponent has no slope)."""
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    v = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x[0, 0] = -x.sum() - 1.0  # x.sum() < 0
+    want = torch.func.jvp(fn, (x,), (v,))[1]
+    got = propgen.autodiff(fn, mode="forward")(x, tangents=v)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def _template_keys() -> set:
     """Keys of propgen's own templates (other tests register user templates in the default
     registry: those are not this table's business)."""
@@ -1346,6 +1504,8 @@ def test_entries_call_the_ops_they_claim() -> None:
     unseen_by_tape = {builtins.sum, builtins.abs, builtins.max, builtins.min, T.cuda, ".values"}
     unseen_by_tape |= {F.tanh, F.sigmoid}
     unseen_by_tape.add(T.__getitem__)  # reported like operator.getitem
+    # what propgen calls for Python-level statements (list + list, an update under no_grad)
+    python_level = {operator.concat, update_under_no_grad}
     problems = []
     for c in CASES:
         if "cpu" not in c.devices:
@@ -1357,6 +1517,8 @@ def test_entries_call_the_ops_they_claim() -> None:
         for k in c.keys:
             if k not in templates:
                 problems.append(f"{c.name}: {k!r} has no template")
+            elif k in python_level:
+                continue
             elif getattr(k, "__module__", None) == "_operator":
                 # torch reports `x + y` as Tensor.add or Tensor.__add__: match the template
                 if not any(t is reg.lookup(k) for t in seen_templates):

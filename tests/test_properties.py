@@ -28,8 +28,7 @@ module is affected:
 
 When an example fails, hypothesis shrinks it and reports the minimal program's source (the
 falsifying example's repr and a note with the rendering that failed).  Each real bug found
-this way is kept as a plain test in ``test_property_regressions.py``; to hunt for other bugs
-while those are open, draw ``_progen.programs(avoid=_progen.KNOWN_BUGS)`` instead.
+this way is kept as a plain test in ``test_property_regressions.py``.
 """
 
 from __future__ import annotations
