@@ -148,6 +148,7 @@ class _Walk:
     def __init__(self, act: Activity, live_after: dict) -> None:
         self.act = act
         self.live_after = live_after
+        self.trips: dict[str, int] = {}  # names bound to range(<constants>): its length
 
     def block(self, stmts: list, state: dict) -> None:
         for s in stmts:
@@ -162,8 +163,15 @@ class _Walk:
         elif isinstance(s, (gast.For, gast.While)):
             if isinstance(s, gast.For) and isinstance(s.target, gast.Name):
                 state[s.target.id] = frozenset()  # range counters and the like
-            for _ in range(3):  # the sets only grow: three passes reach loops' fixpoints
-                before = dict(state)
+            trips = self.trips.get(s.iter.id) if isinstance(s, gast.For) \
+                and isinstance(s.iter, gast.Name) else None
+            if trips == 0:
+                return
+            if trips is not None:  # a constant range: the body runs at least once
+                self.block(s.body, state)
+                trips -= 1
+            for _ in range(3 if trips is None else min(trips, 3)):
+                before = dict(state)  # (three passes reach the fixpoint: the sets only grow)
                 self.block(s.body, state)
                 _join_into(state, before)
                 if state == before:
@@ -181,6 +189,11 @@ class _Walk:
                 _forget_items(state, target.value.id)
             return
         name = target.id
+        self.trips.pop(name, None)
+        callee = getattr(s.value, "pg_callee", None)
+        if callee is not None and callee.obj is range and all(
+                isinstance(a, gast.Constant) and type(a.value) is int for a in s.value.args):
+            self.trips[name] = len(range(*(a.value for a in s.value.args)))
         if getattr(s, "pg_inplace", False):  # y op= e: y keeps its tensor, updated
             self.update(s, name, state, "an augmented assignment to")
             return

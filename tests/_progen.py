@@ -1139,9 +1139,10 @@ class _Gen:
             e = self.expr(body, self.count(0, 2))
             hs = self.name("hs")
             self.lines.insert(start, Line(scope.indent, f"{hs} = []"))
+            if e.groups:  # a variable's storage: the body's in-place updates, drawn before,
+                # would change it in the list on the next iteration (Python semantics): a copy
+                e = Val(f"({e.text}) * 1.0", e.shape, e.bound, False)
             self.emit(body, f"{hs}.append({e.text})")
-            for g in e.groups:
-                self.fixed_groups.add(g)  # the list holds it: no in-place update after
             out = self.name()
             fmt = self.pick(("torch.stack({h})", "torch.stack({h}, dim=-1)", "sum({h})",
                              "torch.cat({h})"))

@@ -380,12 +380,34 @@ def update_after_the_alias_is_dead_ref(x):
     return total + (y * y).sum()
 
 
+def _made_in_a_while_then_updated(a):
+    k = 0
+    while k < 2:
+        v = torch.sin(a)
+        k += 1
+    v += a
+    return v
+
+
+def list_of_values_updated_before_appending(x):
+    hs = []
+    for _ in range(1):  # one pass: nothing appended before is updated after
+        hs.append(_made_in_a_while_then_updated(x))
+    return (hs[0] * hs[-1]).sum()
+
+
+def list_of_values_updated_before_appending_ref(x):
+    return (torch.sin(x) + x).square().sum()
+
+
 NOT_ALIASED = [residual_update_in_a_loop, update_after_the_alias_is_dead,
-               counter_copied_then_incremented, update_of_a_rebound_alias]
+               counter_copied_then_incremented, update_of_a_rebound_alias,
+               list_of_values_updated_before_appending]
 # eager autograd refuses to differentiate an in-place update of a value it saved: the
 # reference runs the out-of-place spelling, which means the same here (no live alias)
 REFERENCE = {residual_update_in_a_loop: residual_update_in_a_loop_ref,
-             update_after_the_alias_is_dead: update_after_the_alias_is_dead_ref}
+             update_after_the_alias_is_dead: update_after_the_alias_is_dead_ref,
+             list_of_values_updated_before_appending: list_of_values_updated_before_appending_ref}
 
 
 @pytest.mark.parametrize("fn", NOT_ALIASED, ids=[f.__name__ for f in NOT_ALIASED])
