@@ -193,7 +193,10 @@ class _Walk:
         callee = getattr(s.value, "pg_callee", None)
         if callee is not None and callee.obj is range and all(
                 isinstance(a, gast.Constant) and type(a.value) is int for a in s.value.args):
-            self.trips[name] = len(range(*(a.value for a in s.value.args)))
+            try:
+                self.trips[name] = len(range(*(a.value for a in s.value.args)))
+            except (TypeError, ValueError):  # range() or a zero step: Python raises it there
+                pass
         if getattr(s, "pg_inplace", False):  # y op= e: y keeps its tensor, updated
             self.update(s, name, state, "an augmented assignment to")
             return

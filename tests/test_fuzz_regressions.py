@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import traceback
 
 import pytest
 import torch
@@ -725,3 +726,30 @@ def test_reverse_mode_in_place_update_in_any_spelling(fn):
         assert_refused_at(err, fn)
     else:
         torch.testing.assert_close(got, autograd_grad(fn, x), **TIGHT)
+
+
+def range_without_arguments(x):
+    for _ in range():
+        x = x * 2.0
+    return x.sum()
+
+
+def range_with_a_zero_step(x):
+    for _ in range(0, 3, 0):
+        x = x * 2.0
+    return x.sum()
+
+
+@pytest.mark.parametrize("fn, error", [(range_without_arguments, TypeError),
+                                       (range_with_a_zero_step, ValueError)],
+                         ids=["no-arguments", "zero-step"])
+def test_bad_constant_range_raises_what_python_raises(fn, error):
+    """Fuzz (clean-clone CI): the alias check's trip count of a constant range called
+    ``range()`` itself and crashed the compiler with TypeError; now the call raises where
+    Python raises it, when the function runs."""
+    with pytest.raises(error):
+        fn(rn(3))
+    with pytest.raises(error) as info:
+        propgen.grad(fn)(rn(3))
+    frames = [f.filename for f in traceback.extract_tb(info.tb)]
+    assert not any(os.sep + "propgen" + os.sep in f for f in frames[-1:]), frames
