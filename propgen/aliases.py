@@ -286,7 +286,7 @@ def _shares(value: gast.AST, state: dict) -> frozenset | None:
         return _shares(gast.List(elts=[value.left, value.right], ctx=gast.Load()), state)
     if isinstance(value, gast.Call):
         method = _method(value)
-        if method is not None and (method in VIEW_METHODS or method.endswith("_")):
+        if method is not None and method in VIEW_METHODS:  # (in-place calls: see assign)
             return state.get(value.func.value.id, frozenset())
         if callee is not None and _in(callee.obj, VIEW_FUNCTIONS) and value.args \
                 and isinstance(value.args[0], gast.Name):

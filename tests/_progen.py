@@ -440,9 +440,7 @@ class _Gen:
         names = self.tensors(scope)
         if self.coin(60):  # mostly a recent value, so that values flow into each other
             names = sorted(names, key=_recency, reverse=True)[:2]
-        name = self.pick(names)
-        v = scope.env[name]
-        return Val(name, v.shape, v.bound, True, v.groups)
+        return self.leaf_of(scope, self.pick(names))
 
     def ints_ns(self, scope: Scope) -> tuple:
         return tuple(sorted((k, hi) for k, (lo, hi) in scope.ints.items()))
@@ -617,8 +615,7 @@ class _Gen:
         if not fits:
             return None
         name = self.pick(fits)
-        v = scope.env[name]
-        b = Val(name, v.shape, v.bound, True, v.groups)
+        b = self.leaf_of(scope, name)
         return self.apply(scope, fmt, a, b, bound=bound(a.bound, b.bound))
 
     def _reduce(self, scope: Scope, depth: int) -> Val | None:
@@ -755,8 +752,7 @@ class _Gen:
         if not fits:
             return None
         name = self.pick(fits)
-        v = scope.env[name]
-        b = _squash(Val(name, v.shape, v.bound, True, v.groups), 3.0)
+        b = _squash(self.leaf_of(scope, name), 3.0)
         k = max(a.shape or (1,))
         return self.apply(scope, fmt, a, b, bound=a.bound * b.bound * k)
 
@@ -768,8 +764,7 @@ class _Gen:
         if not fits:
             return None
         name = self.pick(fits)
-        v = scope.env[name]
-        b = Val(name, v.shape, v.bound, True, v.groups)
+        b = self.leaf_of(scope, name)
         if self.coin(30):
             b = Val(f"{b.atom} * {self.pick(CONSTS)}", b.shape, b.bound * 3.0, False)
         return self.apply(scope, fmt, a, b, bound=max(a.bound, b.bound))
@@ -803,8 +798,7 @@ class _Gen:
             if not fits:
                 return None
             name = self.pick(fits)
-            v = scope.env[name]
-            val = _squash(Val(name, v.shape, v.bound, True, v.groups), PARAM_BOUND)
+            val = _squash(self.leaf_of(scope, name), PARAM_BOUND)
             keyword = keyword or self.coin(20)
             texts.append(f"{pname}={val.text}" if keyword else val.text)
             vals.append(val)

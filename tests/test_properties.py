@@ -78,17 +78,22 @@ def _close(got, want, scale: float, what: str) -> None:
                                msg=lambda m: f"{what}: {m}")
 
 
-def _reference(program: _progen.Program, directory) -> tuple:
-    """f's value and its gradients for every wrt argument, by torch.autograd on the ``ref``
-    rendering; discards (``assume``) an example whose numbers are not finite or huge."""
-    note(f"reference rendering:\n{program.source('ref')}")
+def _run_reference(program: _progen.Program, directory) -> tuple:
+    """f's value by eager torch on the ``ref`` rendering, and the wrt arguments as leaves."""
     f = getattr(_progen.load_module(program.source("ref"), directory, "ref"), program.entry)
     args = program.arguments()
     leaves = []
     for i in program.wrt:
         args[i] = args[i].requires_grad_(True)
         leaves.append(args[i])
-    out = f(*args)
+    return f(*args), leaves
+
+
+def _reference(program: _progen.Program, directory) -> tuple:
+    """f's value and its gradients for every wrt argument, by torch.autograd on the ``ref``
+    rendering; discards (``assume``) an example whose numbers are not finite or huge."""
+    note(f"reference rendering:\n{program.source('ref')}")
+    out, leaves = _run_reference(program, directory)
     assert isinstance(out, torch.Tensor) and out.shape == (), "programs return a scalar"
     if out.requires_grad:
         grads = torch.autograd.grad(out, leaves, allow_unused=True)
@@ -180,13 +185,7 @@ def test_identity_propagation_matches_autograd(program, identity, program_dir):
 
 def _double_backward(program: _progen.Program, directory, tangents: tuple) -> tuple:
     """H v by autograd's double backward on the ``ref`` rendering."""
-    f = getattr(_progen.load_module(program.source("ref"), directory, "ref"), program.entry)
-    args = program.arguments()
-    leaves = []
-    for i in program.wrt:
-        args[i] = args[i].requires_grad_(True)
-        leaves.append(args[i])
-    out = f(*args)
+    out, leaves = _run_reference(program, directory)
     if not out.requires_grad:
         return tuple(torch.zeros_like(x) for x in leaves)
     grads = torch.autograd.grad(out, leaves, create_graph=True, allow_unused=True)
